@@ -1,0 +1,101 @@
+"""Eager PyTorch references of NoProp's fused ops: the CPU kernels and the fallback everywhere.
+
+Each function here is also the float64 reference: called on float64 inputs it computes in float64
+(noise included, see `philox.py`). For fp16/bf16/fp32 inputs it computes in float32, as the fused
+kernels do. Shapes: K blocks, B samples, m classes, d embedding dims.
+"""
+from __future__ import annotations
+
+import torch
+
+from .philox import philox_randn
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _per_sample(coef: torch.Tensor, K: int, B: int, dtype) -> torch.Tensor:
+    """Coefficient [K] or [K, B] -> [K, B, 1] in `dtype`."""
+    c = coef.to(dtype)
+    return (c[:, None] if c.ndim == 1 else c).expand(K, B)[..., None]
+
+
+def noise(seed: torch.Tensor, K: int, B: int, d: int, dtype, device) -> torch.Tensor:
+    """ε [K, B, d]: element (k, b, j) uses Philox counter (k·B + b)·d + j."""
+    return philox_randn(seed, (K, B, d), device=device, dtype=dtype)
+
+
+def noise_inject(W, y, sqrt_abar, sqrt_one_minus_abar, seed):
+    """z [K, B, d] = sqrt_abar[k] · W[y_b] + sqrt_one_minus_abar[k] · ε[k, b]."""
+    K, B, d = sqrt_abar.shape[0], y.shape[0], W.shape[1]
+    ct = compute_dtype(W, sqrt_abar, sqrt_one_minus_abar)
+    u = W.to(ct)[y]  # [B, d]
+    eps = noise(seed, K, B, d, ct, W.device)
+    z = _per_sample(sqrt_abar, K, B, ct) * u + _per_sample(sqrt_one_minus_abar, K, B, ct) * eps
+    return z.to(W.dtype)
+
+
+def noise_inject_backward(grad_z, W, y, sqrt_abar, sqrt_one_minus_abar, seed):
+    """Gradients (dW [m, d], d_sqrt_abar, d_sqrt_one_minus_abar) of noise_inject. ε is regenerated."""
+    K, B, d = grad_z.shape
+    ct = compute_dtype(grad_z, W, sqrt_abar)
+    g = grad_z.to(ct)
+    u = W.to(ct)[y]
+    sa = _per_sample(sqrt_abar, K, B, ct)
+    dW = torch.zeros(W.shape, dtype=ct, device=W.device).index_add_(0, y, (g * sa).sum(0))
+    d_sa = (g * u).sum(-1)  # [K, B]
+    d_s1m = (g * noise(seed, K, B, d, ct, W.device)).sum(-1)
+    if sqrt_abar.ndim == 1:
+        d_sa = d_sa.sum(1)
+    if sqrt_one_minus_abar.ndim == 1:
+        d_s1m = d_s1m.sum(1)
+    return dW.to(W.dtype), d_sa.to(sqrt_abar.dtype), d_s1m.to(sqrt_one_minus_abar.dtype)
+
+
+def _residual(logits, W, y, ct):
+    p = torch.softmax(logits.to(ct), dim=-1)  # [K, B, m]
+    Wc = W.to(ct)
+    return p, Wc, p @ Wc - Wc[y]  # r: [K, B, d]
+
+
+def _weights(weight, K, B, ct):
+    return _per_sample(weight, K, B, ct)[..., 0]  # [K, B]
+
+
+def local_loss(logits, W, y, weight):
+    """loss [K] = mean_b weight[k(,b)] · ‖softmax(logits[k, b]) · W − W[y_b]‖² (sum over d)."""
+    K, B, _ = logits.shape
+    ct = compute_dtype(logits, W, weight)
+    _, _, r = _residual(logits, W, y, ct)
+    loss = (_weights(weight, K, B, ct) * r.pow(2).sum(-1)).mean(1)
+    return loss.to(ct)
+
+
+def local_loss_backward(grad_loss, logits, W, y, weight):
+    """(dlogits [K, B, m], dW [m, d], dweight like weight) of local_loss; r is recomputed here."""
+    K, B, _ = logits.shape
+    ct = compute_dtype(logits, W, weight)
+    p, Wc, r = _residual(logits, W, y, ct)
+    w = _weights(weight, K, B, ct)
+    coef = (2.0 / B) * grad_loss.to(ct)[:, None] * w  # [K, B]
+    gp = coef[..., None] * (r @ Wc.T)  # dL/dp: [K, B, m]
+    dlogits = p * (gp - (gp * p).sum(-1, keepdim=True))
+    gr = coef[..., None] * r  # dL/d(pW): [K, B, d]
+    dW = torch.einsum("kbm,kbd->md", p, gr)
+    dW = dW.index_add_(0, y, -gr.sum(0))
+    dweight = grad_loss.to(ct)[:, None] * r.pow(2).sum(-1) / B  # [K, B]
+    if weight.ndim == 1:
+        dweight = dweight.sum(1)
+    return dlogits.to(logits.dtype), dW.to(W.dtype), dweight.to(weight.dtype)
+
+
+def denoise_step(logits, W, z_prev, a: float, b: float, sqrt_c: float, seed):
+    """z_next [B, d] = a · softmax(logits) · W + b · z_prev + sqrt_c · ε (ε: counter b·d + j)."""
+    B, d = z_prev.shape
+    ct = compute_dtype(logits, W, z_prev)
+    u_hat = torch.softmax(logits.to(ct), dim=-1) @ W.to(ct)
+    z = a * u_hat + b * z_prev.to(ct)
+    if sqrt_c != 0.0:
+        z = z + sqrt_c * noise(seed, 1, B, d, ct, z_prev.device)[0]
+    return z.to(z_prev.dtype)
