@@ -1,0 +1,34 @@
+"""Launch helpers shared by the Triton op launchers: tile choice and the device guard."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def pow2(n: int, lo: int = 1, hi: int | None = None) -> int:
+    """Smallest power of two >= n, clamped to [lo, hi]."""
+    p = 1 << max(0, int(n) - 1).bit_length()
+    p = max(p, lo)
+    return min(p, hi) if hi is not None else p
+
+
+def on_device(t: torch.Tensor):
+    """Launch on `t`'s device: Triton launches on the current stream of the *current* CUDA device,
+    so a CUDA tensor on another device than the current one needs this guard."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def dot_tiles(B: int, m: int, d: int) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_M, BLOCK_D) for the kernels that compute softmax(logits) @ W with tl.dot.
+
+    Every tl.dot dimension must be >= 16 on a GPU, so tiles are padded (and masked) up to 16: the
+    realistic m = 10 and d = 10 / 20 are smaller than that. The whole class dimension is one tile
+    (softmax needs the full row; m <= 128 in practice), the batch is cut in BLOCK_B-row blocks and
+    d is walked in BLOCK_D-column tiles inside a program. BLOCK_B shrinks as m grows to keep the
+    [BLOCK_B, BLOCK_M] probability tile in registers.
+    """
+    block_m = pow2(m, lo=16)
+    block_b = pow2(B, lo=16, hi=max(16, min(64, 8192 // block_m)))
+    block_d = pow2(d, lo=16, hi=64)
+    return block_b, block_m, block_d
