@@ -4,6 +4,8 @@
 - `auto` takes the first backend that can run on the tensors' device (CUDA tensors: triton, then
   the CUDA extension; CPU tensors: eager) and falls back to eager;
 - an explicit choice that cannot run raises `BackendUnavailable` with the reason.
+The choice looks at the device and at the dtypes of the call's tensors: the Triton kernels compute in
+float32, so float64 calls (gradcheck, references) go to eager under `auto` and raise under `triton`.
 Availability is probed lazily on first use, never at import, so `import noprop` works on machines
 without a GPU, a Triton driver or the CUDA extension.
 """
@@ -13,6 +15,7 @@ import contextlib
 import functools
 import importlib
 import os
+import sys
 import threading
 
 import torch
@@ -20,6 +23,10 @@ import torch
 BACKENDS = ("triton", "cuda", "eager")
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "eager"), "cpu": ("eager",)}
 _override = threading.local()
+# dtypes a backend does not run, with the reason (one place; the CUDA extension may add its own).
+_UNSUPPORTED_DTYPES = {
+    "triton": {torch.float64: "the Triton kernels compute in float32; float64 inputs run on the eager reference"},
+}
 
 
 class BackendUnavailable(RuntimeError):
@@ -56,44 +63,71 @@ def _triton_import_error() -> str | None:
 
 
 def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether TRITON_INTERPRET is on (read the way Triton reads it, so "1", "true", "on" all count)."""
+    try:
+        from triton import knobs
+        return bool(knobs.runtime.interpret)
+    except Exception:  # a Triton without knobs
+        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-def why_unavailable(backend: str, device: torch.device) -> str | None:
-    """None if `backend` can run on `device`, else a sentence saying why not."""
+def _triton_reason(device: torch.device) -> str | None:
+    err = _triton_import_error()
+    if err:
+        return err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible to torch"
+        return None
+    if device.type == "cpu":
+        if not triton_interpreted():
+            return "Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before importing noprop"
+        kernels = sys.modules.get("noprop.kernels.triton")
+        if kernels is not None and not getattr(kernels, "INTERPRETED", True):
+            return ("noprop.kernels.triton was imported before TRITON_INTERPRET=1 was set, so its kernels are "
+                    "compiled for a GPU: set it before importing noprop")
+        return None
+    return f"Triton has no support for {device.type} tensors here"
+
+
+def why_unavailable(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """None if `backend` can run on `device` (and inputs of `dtype`, when given), else a sentence saying why not."""
     device = torch.device(device)
     if backend == "eager":
         return None
     if backend == "triton":
-        err = _triton_import_error()
-        if err:
-            return err
-        if device.type == "cuda":
-            return None
-        if device.type == "cpu":
-            if triton_interpreted():
-                return None
-            return "Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before importing noprop"
-        return f"Triton has no support for {device.type} tensors here"
-    if backend == "cuda":
+        reason = _triton_reason(device)
+    elif backend == "cuda":
         if device.type != "cuda":
-            return f"the CUDA extension runs on CUDA tensors only, got {device.type} tensors"
-        from noprop.kernels.cuda import load_error
-        return load_error()
-    raise ValueError(f"unknown backend {backend!r}")
+            reason = f"the CUDA extension runs on CUDA tensors only, got {device.type} tensors"
+        else:
+            from noprop.kernels.cuda import load_error
+            reason = load_error()
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+    if reason is None and dtype is not None:
+        reason = _UNSUPPORTED_DTYPES.get(backend, {}).get(dtype)
+    return reason
 
 
-def backend_name(device: torch.device) -> str:
-    """The backend that will run an op on `device` under the current request."""
+def _why_not(backend: str, device: torch.device, dtypes) -> str | None:
+    reason = why_unavailable(backend, device)
+    for dt in dtypes:
+        reason = reason or why_unavailable(backend, device, dt)
+    return reason
+
+
+def backend_name(device: torch.device, dtypes=()) -> str:
+    """The backend that will run an op on `device` (with input `dtypes`) under the current request."""
     device = torch.device(device)
     want = requested_backend()
     if want != "auto":
-        reason = why_unavailable(want, device)
+        reason = _why_not(want, device, dtypes)
         if reason:
             raise BackendUnavailable(f"NOPROP_BACKEND={want} cannot run on {device}: {reason}")
         return want
     for name in _AUTO_ORDER.get(device.type, ("eager",)):
-        if why_unavailable(name, device) is None:
+        if _why_not(name, device, dtypes) is None:
             return name
     return "eager"
 
@@ -102,6 +136,18 @@ _MODULES = {"eager": "noprop.ops.eager", "triton": "noprop.kernels.triton", "cud
 
 
 def implementation(op: str, device: torch.device):
-    """The function implementing `op` (e.g. 'local_loss_backward') on `device` right now."""
-    module = importlib.import_module(_MODULES[backend_name(device)])
-    return getattr(module, op)
+    """The function implementing `op` (e.g. 'local_loss_backward') on `device` right now.
+
+    The device decides at once (a backend that cannot run there raises here); the returned callable
+    then also weighs the dtypes of the tensors it is called with (float64 -> eager, see above).
+    """
+    device = torch.device(device)
+    backend_name(device)
+
+    def run(*args):
+        dtypes = sorted({a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()}, key=str)
+        module = importlib.import_module(_MODULES[backend_name(device, dtypes)])
+        return getattr(module, op)(*args)
+
+    run.__name__ = run.__qualname__ = op
+    return run
