@@ -37,6 +37,7 @@ def _denoise_step(logits: Tensor, W: Tensor, z_prev: Tensor, a: float, b: float,
 
 @_denoise_step.register_fake
 def _(logits, W, z_prev, a, b, sqrt_c, seed):
+    _check(logits, W, z_prev, seed)  # also runs when any input is on meta
     return torch.empty_like(z_prev)
 
 

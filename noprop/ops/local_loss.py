@@ -40,6 +40,7 @@ def _loss_dtype(*ts):
 
 @_local_loss.register_fake
 def _(logits, W, y, weight):
+    _check(logits, W, y, weight)  # also runs when any input is on meta
     return logits.new_empty((logits.shape[0],), dtype=_loss_dtype(logits, W, weight))
 
 

@@ -33,6 +33,7 @@ def _noise_inject(W: Tensor, y: Tensor, sqrt_abar: Tensor, sqrt_one_minus_abar: 
 
 @_noise_inject.register_fake
 def _(W, y, sqrt_abar, sqrt_one_minus_abar, seed):
+    _check(W, y, sqrt_abar, sqrt_one_minus_abar, seed)  # also runs when any input is on meta
     return W.new_empty((sqrt_abar.shape[0], y.shape[0], W.shape[1]))
 
 
