@@ -1,26 +1,136 @@
 """Install noprop: the `noprop` package, its kernels under `noprop.kernels`, and the `noprop` CLI.
 
 The kernel sources live in the top-level `kernels/` folder but are installed as `noprop.kernels`
-(a top-level `kernels` package would collide with an unrelated PyPI project). The CUDA C++
-extension is built here only when a CUDA-enabled torch and nvcc are present (see
-`noprop_build.py`); otherwise a pure-Python install is made and says so.
+(a top-level `kernels` package would collide with an unrelated PyPI project).
+
+The CUDA C++ extension (`noprop.kernels.cuda._C`, sources in kernels/cuda/) is built only when a
+CUDA-enabled torch and nvcc are present; otherwise a pure-Python install is made and says why.
+- NOPROP_BUILD_CUDA=auto (default): build when possible, else pure Python with a message;
+  0: never build; 1: fail loudly when it cannot be built.
+- TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0", MAX_JOBS to 2.
+- pip's build isolation hides the installed torch from this script, so building the extension
+  needs `pip install --no-build-isolation .` (or bench/build_cuda_ext.sh for an in-place build).
+torch is imported only inside `_cuda_build()`, so a CPU-only torch or none at all still installs.
 """
+import os
+import sys
+from pathlib import Path
+
 from setuptools import setup
 
+HERE = Path(__file__).resolve().parent
 packages = ["noprop", "noprop.models", "noprop.ops", "noprop.kernels", "noprop.kernels.triton",
             "noprop.kernels.cuda"]
 package_dir = {"noprop": "noprop", "noprop.kernels": "kernels"}
+
+CUDA_EXT_NAME = "noprop.kernels.cuda._C"
+CUDA_SOURCES = ["kernels/cuda/bindings.cpp", "kernels/cuda/noise_inject.cu", "kernels/cuda/local_loss.cu",
+                "kernels/cuda/denoise_step.cu"]
+
+
+def _say(msg: str) -> None:
+    print(f"noprop setup: {msg}", file=sys.stderr, flush=True)
+
+
+def _extra_cuda_includes(cuda_home: str) -> list[str]:
+    """Header dirs of the pip CUDA wheels (nvidia/cu13/include, nvidia/<lib>/include) when the
+    toolkit lacks the cuSPARSE/cuBLAS headers that ATen's CUDA headers include."""
+    if (Path(cuda_home) / "include" / "cusparse.h").exists():
+        return []
+    found = []
+    for entry in sys.path:
+        root = Path(entry or ".") / "nvidia"
+        if root.is_dir():
+            found += sorted(str(p) for p in root.glob("*/include") if p.is_dir())
+    return found
+
+
+def _cuda_build():
+    """(ext_modules, cmdclass) building the CUDA extension, or ([], {}) after printing why not."""
+    mode = os.environ.get("NOPROP_BUILD_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"noprop setup: NOPROP_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
+    if mode == "0":
+        _say("NOPROP_BUILD_CUDA=0: installing pure Python, without the CUDA extension")
+        return [], {}
+    reason = None
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception as exc:  # noqa: BLE001 - any failure means no extension
+        reason = (f"torch is not importable in the build environment ({type(exc).__name__}: {exc}); "
+                  "pip's build isolation hides the installed torch: use `pip install --no-build-isolation .`")
+    else:
+        cuda_home = cpp_extension.CUDA_HOME
+        nvcc = Path(cuda_home or "/nonexistent") / "bin" / "nvcc"
+        if torch.version.cuda is None:
+            reason = f"torch {torch.__version__} is a CPU-only build"
+        elif cuda_home is None or not nvcc.exists():
+            reason = f"no CUDA toolkit with nvcc found (CUDA_HOME={cuda_home}); set CUDA_HOME"
+        elif not (Path(cuda_home) / "include" / "cuda_runtime_api.h").exists():
+            reason = f"CUDA_HOME={cuda_home} has no include/cuda_runtime_api.h; set CUDA_HOME to the toolkit"
+    if reason:
+        if mode == "1":
+            raise SystemExit(f"noprop setup: NOPROP_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
+        _say(f"installing pure Python, without the CUDA extension: {reason}")
+        return [], {}
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("MAX_JOBS", "2")
+    arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
+    # -isystem: searched after every -I, so the toolkit's own headers win over the pip copies.
+    flags = ["-O3", "-DNOPROP_PYTHON_MODULE"] + [a for d in _extra_cuda_includes(cuda_home) for a in ("-isystem", d)]
+    ext = cpp_extension.CUDAExtension(
+        CUDA_EXT_NAME,
+        CUDA_SOURCES,
+        include_dirs=[str(HERE / "kernels" / "cuda")],
+        extra_compile_args={"cxx": flags, "nvcc": flags + ["-lineinfo"]},
+        py_limited_api=True,
+    )
+    build_info = {"torch_version": torch.__version__, "cuda_version": torch.version.cuda,
+                  "arch_list": arch_list, "cuda_home": cuda_home}
+
+    class BuildNoprop(cpp_extension.BuildExtension):
+        """Builds the extension and records what it was built against next to it (_build_info.py)."""
+
+        def build_extension(self, extension):
+            try:
+                super().build_extension(extension)
+            except Exception as exc:  # noqa: BLE001
+                if mode == "1":
+                    raise
+                _say(f"building the CUDA extension failed, installing pure Python: {type(exc).__name__}: {exc}")
+                return
+            out_dirs = {Path(self.get_ext_fullpath(extension.name)).parent}
+            if self.inplace:  # the .so is copied next to the sources; so must its record be
+                out_dirs.add(Path(self.get_finalized_command("build_py").get_package_dir("noprop.kernels.cuda")))
+            lines = ['"""Generated by setup.py: what noprop.kernels.cuda._C was built against."""']
+            lines += [f"{k.upper()} = {v!r}" for k, v in build_info.items()]
+            for out_dir in out_dirs:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                (out_dir / "_build_info.py").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            _say(f"built the CUDA extension for torch {build_info['torch_version']}, CUDA "
+                 f"{build_info['cuda_version']}, arch {arch_list}")
+
+    _say(f"building the CUDA extension (arch {arch_list}, MAX_JOBS={os.environ['MAX_JOBS']}, CUDA_HOME={cuda_home})")
+    return [ext], {"build_ext": BuildNoprop.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _cuda_build()
+readme = HERE / "README.md"
 
 setup(
     name="noprop",
     version="0.1.0",
     description="Kernel-accelerated NoProp training (Li, Teh, Pascanu 2025)",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=readme.read_text(encoding="utf-8") if readme.exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"noprop.kernels.cuda": ["*.cu", "*.cpp", "*.h"]},
+    package_data={"noprop.kernels.cuda": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=["torch>=2.11", "numpy", "tqdm", "mlxtend", "matplotlib"],
     extras_require={"test": ["pytest", "pytest-benchmark"]},
     entry_points={"console_scripts": ["noprop=noprop.cli:main"]},

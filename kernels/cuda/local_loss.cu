@@ -1,0 +1,177 @@
+// noprop_cuda::local_loss and its backward (semantics: noprop/ops/eager.py).
+//
+// One warp per row (k, b): softmax(logits[k, b]) goes to shared memory, the residual
+// r = p·W − W[y_b] is formed column by column (lanes over d, W read coalesced, float32 throughout).
+// The forward reduces rows to loss[k] with a deterministic ATen mean. The backward writes dlogits
+// directly and, for dW = Σ_rows (p − onehot(y))ᵀ · (coef · r), two float32 scratch matrices that one
+// cuBLAS GEMM contracts (deterministic, no atomics on the tiny [m, d] output).
+#include "common.cuh"
+#include "ops.h"
+
+namespace noprop_cuda {
+namespace {
+
+// row_out[k·B + b] = weight[k(, b)] · ‖r‖².
+template <typename L>
+__global__ void local_loss_kernel(const L* __restrict__ logits, const float* __restrict__ W,
+                                  const int64_t* __restrict__ y, const float* __restrict__ weight, bool w_per_sample,
+                                  float* __restrict__ row_out, int64_t K, int64_t B, int64_t m, int64_t d) {
+  extern __shared__ float smem[];
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int64_t warps_per_block = blockDim.x / kWarp;
+  float* p = smem + warp * m;
+  const int64_t n_rows = K * B;
+  for (int64_t row = blockIdx.x * warps_per_block + warp; row < n_rows;
+       row += static_cast<int64_t>(gridDim.x) * warps_per_block) {
+    const int64_t k = row / B;
+    const int64_t b = row - k * B;
+    warp_softmax_to_smem(logits + row * m, m, p, lane);
+    const float* wy = W + safe_label(y, b, m) * d;
+    float sq = 0.f;
+    for (int64_t j = lane; j < d; j += kWarp) {
+      float acc = 0.f;
+      for (int64_t c = 0; c < m; ++c) acc += p[c] * W[c * d + j];
+      const float r = acc - wy[j];
+      sq += r * r;
+    }
+    sq = warp_sum(sq);
+    if (lane == 0) row_out[row] = weight[w_per_sample ? row : k] * sq;
+    __syncwarp();  // p is overwritten by this warp's next row
+  }
+}
+
+// Per row: dlogits, q = p − onehot(y), gr = coef · r, dweight_rows = grad_loss[k] · ‖r‖² / B,
+// with coef = 2 / B · grad_loss[k] · weight[k(, b)]. Shared memory per warp: p [m], gp [m], r [d].
+template <typename L>
+__global__ void local_loss_backward_kernel(const float* __restrict__ grad_loss, const L* __restrict__ logits,
+                                           const float* __restrict__ W, const int64_t* __restrict__ y,
+                                           const float* __restrict__ weight, bool w_per_sample,
+                                           L* __restrict__ dlogits, float* __restrict__ q, float* __restrict__ gr,
+                                           float* __restrict__ dweight_rows, int64_t K, int64_t B, int64_t m,
+                                           int64_t d) {
+  extern __shared__ float smem[];
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int64_t warps_per_block = blockDim.x / kWarp;
+  float* p = smem + warp * (2 * m + d);
+  float* gp = p + m;
+  float* r = gp + m;
+  const int64_t n_rows = K * B;
+  const float inv_B = 1.f / static_cast<float>(B);
+  for (int64_t row = blockIdx.x * warps_per_block + warp; row < n_rows;
+       row += static_cast<int64_t>(gridDim.x) * warps_per_block) {
+    const int64_t k = row / B;
+    const int64_t b = row - k * B;
+    warp_softmax_to_smem(logits + row * m, m, p, lane);
+    const int64_t label = safe_label(y, b, m);
+    const float* wy = W + label * d;
+    const float gl = grad_loss[k];
+    const float coef = 2.f * inv_B * gl * weight[w_per_sample ? row : k];
+    float sq = 0.f;
+    for (int64_t j = lane; j < d; j += kWarp) {
+      float acc = 0.f;
+      for (int64_t c = 0; c < m; ++c) acc += p[c] * W[c * d + j];
+      const float rj = acc - wy[j];
+      r[j] = rj;
+      sq += rj * rj;
+      gr[row * d + j] = coef * rj;
+    }
+    sq = warp_sum(sq);
+    if (lane == 0) dweight_rows[row] = gl * sq * inv_B;
+    __syncwarp();  // r complete before every lane reads all of it
+    // gp[c] = coef · Σ_j r_j W[c, j] (dL/dp); s = Σ_c gp[c] p[c] (every lane holds the same value).
+    float s = 0.f;
+    for (int64_t c = 0; c < m; ++c) {
+      float part = 0.f;
+      for (int64_t j = lane; j < d; j += kWarp) part += r[j] * W[c * d + j];
+      const float gpc = coef * warp_sum(part);
+      if (lane == (c % kWarp)) gp[c] = gpc;
+      s += gpc * p[c];
+    }
+    __syncwarp();
+    for (int64_t c = lane; c < m; c += kWarp) {
+      dlogits[row * m + c] = from_f32<L>(p[c] * (gp[c] - s));
+      q[row * m + c] = p[c] - (c == label ? 1.f : 0.f);
+    }
+    __syncwarp();  // p, gp, r are overwritten by this warp's next row
+  }
+}
+
+struct Inputs {
+  at::Tensor logits, W32, y, weight32;
+  int64_t K, B, m, d;
+};
+
+Inputs check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& W, const at::Tensor& y,
+                    const at::Tensor& weight) {
+  check_cuda_float(logits, op, "logits", 3);
+  check_cuda_float(W, op, "W", 2);
+  check_same_device(op, {&logits, &W, &y, &weight});
+  const int64_t K = logits.size(0), B = logits.size(1), m = logits.size(2);
+  TORCH_CHECK(K > 0 && B > 0 && m > 0, op, ": logits [K, B, m] must be non-empty, got shape ", logits.sizes());
+  TORCH_CHECK(W.size(0) == m, op, ": logits has m = ", m, " classes but W has ", W.size(0),
+              " rows (W must be [m, d])");
+  check_labels(y, op, B);
+  return {logits.contiguous(), W.to(at::kFloat).contiguous(), y.to(at::kLong).contiguous(),
+          coefficient_f32(weight, op, "weight", K, B), K, B, m, W.size(1)};
+}
+
+constexpr int64_t kMaxSmemFloats = 48 * 1024 / sizeof(float);  // default dynamic shared-memory limit
+
+}  // namespace
+
+at::Tensor local_loss(const at::Tensor& logits, const at::Tensor& W, const at::Tensor& y, const at::Tensor& weight) {
+  constexpr const char* op = "noprop_cuda::local_loss";
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const Inputs in = check_inputs(op, logits, W, y, weight);
+  TORCH_CHECK(in.m <= kMaxSmemFloats, op, ": the CUDA kernel handles at most ", kMaxSmemFloats,
+              " classes, got m = ", in.m, " (use NOPROP_BACKEND=triton or eager)");
+  at::Tensor rows = at::empty({in.K, in.B}, logits.options().dtype(at::kFloat));
+  const int warps = warps_for_row(in.m);
+  const size_t smem = static_cast<size_t>(warps) * in.m * sizeof(float);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  NOPROP_DISPATCH_FLOAT(in.logits.scalar_type(), "noprop_cuda::local_loss", [&] {
+    local_loss_kernel<scalar_t><<<grid_for(in.K * in.B, warps), warps * kWarp, smem, stream>>>(
+        in.logits.data_ptr<scalar_t>(), in.W32.data_ptr<float>(), in.y.data_ptr<int64_t>(),
+        in.weight32.data_ptr<float>(), in.weight32.dim() == 2, rows.data_ptr<float>(), in.K, in.B, in.m, in.d);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return rows.mean(1);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> local_loss_backward(const at::Tensor& grad_loss,
+                                                                   const at::Tensor& logits, const at::Tensor& W,
+                                                                   const at::Tensor& y, const at::Tensor& weight) {
+  constexpr const char* op = "noprop_cuda::local_loss_backward";
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const Inputs in = check_inputs(op, logits, W, y, weight);
+  check_cuda_float(grad_loss, op, "grad_loss", 1);
+  check_same_device(op, {&logits, &grad_loss});
+  TORCH_CHECK(grad_loss.size(0) == in.K, op, ": grad_loss must have shape [K] = [", in.K, "], got ",
+              grad_loss.sizes());
+  const int64_t row_floats = 2 * in.m + in.d;
+  TORCH_CHECK(row_floats <= kMaxSmemFloats, op, ": the CUDA kernel needs 2·m + d <= ", kMaxSmemFloats,
+              ", got m = ", in.m, ", d = ", in.d, " (use NOPROP_BACKEND=triton or eager)");
+  const at::Tensor gl = grad_loss.to(at::kFloat).contiguous();
+  const auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor dlogits = at::empty_like(in.logits);
+  at::Tensor q = at::empty({in.K * in.B, in.m}, f32);
+  at::Tensor gr = at::empty({in.K * in.B, in.d}, f32);
+  at::Tensor dweight_rows = at::empty({in.K, in.B}, f32);
+  const int warps = warps_for_row(row_floats);
+  const size_t smem = static_cast<size_t>(warps) * row_floats * sizeof(float);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  NOPROP_DISPATCH_FLOAT(in.logits.scalar_type(), "noprop_cuda::local_loss_backward", [&] {
+    local_loss_backward_kernel<scalar_t><<<grid_for(in.K * in.B, warps), warps * kWarp, smem, stream>>>(
+        gl.data_ptr<float>(), in.logits.data_ptr<scalar_t>(), in.W32.data_ptr<float>(), in.y.data_ptr<int64_t>(),
+        in.weight32.data_ptr<float>(), in.weight32.dim() == 2, dlogits.data_ptr<scalar_t>(), q.data_ptr<float>(),
+        gr.data_ptr<float>(), dweight_rows.data_ptr<float>(), in.K, in.B, in.m, in.d);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  at::Tensor dW = at::mm(q.t(), gr);  // [m, d], on the current stream
+  at::Tensor dweight = weight.dim() == 1 ? dweight_rows.sum(1) : dweight_rows;
+  return {dlogits, dW.to(W.scalar_type()), dweight.to(weight.scalar_type())};
+}
+
+}  // namespace noprop_cuda

@@ -1,0 +1,336 @@
+"""The CUDA C++ extension (kernels/cuda, torch.ops.noprop_cuda.*).
+
+Without the built extension (CPU-only torch, pure-Python install) everything here skips with the
+reason. With it but without a GPU, the registration, schema and fake-tensor checks run; the
+numerical checks against the float64 eager reference need a GPU.
+Build it with bench/build_cuda_ext.sh.
+"""
+from __future__ import annotations
+
+import inspect
+import itertools
+
+import pytest
+import torch
+
+import noprop.kernels.cuda as cuda_ext
+from noprop import dispatch
+from noprop.ops import eager, new_seed
+from noprop.ops import noise_inject as public_noise_inject
+
+OPS = ("noise_inject", "noise_inject_backward", "local_loss", "local_loss_backward", "denoise_step")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Absolute error floor per dtype, relative to max(1, |reference|): covers a one-ulp difference in
+# the rounding of outputs that the eager computation happens to round the other way.
+FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _load_error_or_none():
+    try:
+        cuda_ext.require_loaded()
+        return None
+    except RuntimeError as exc:
+        return str(exc)
+
+
+@pytest.fixture(scope="module")
+def ext():
+    err = _load_error_or_none()
+    if err:
+        pytest.skip(f"CUDA extension not loaded: {err}")
+    return cuda_ext
+
+
+@pytest.fixture(scope="module")
+def gpu(ext):
+    err = ext.load_error()
+    if err:
+        pytest.skip(f"CUDA extension cannot run here: {err}")
+    return torch.device("cuda")
+
+
+# --- without a GPU -------------------------------------------------------------------------------
+
+def test_import_is_cheap_and_load_error_is_a_sentence():
+    err = cuda_ext.load_error()
+    assert err is None or (isinstance(err, str) and len(err) > 10)
+    if not torch.cuda.is_available() and err is not None and cuda_ext._state["module"] is not None:
+        assert err.startswith("no CUDA device")
+
+
+def test_unsupported_reason_rejects_float64():
+    assert "float64" in cuda_ext.unsupported_reason(torch.zeros(2, dtype=torch.float64))
+    assert "CUDA tensors" in cuda_ext.unsupported_reason(torch.zeros(2))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_op_registered_with_cuda_kernel(ext, op):
+    name = f"noprop_cuda::{op}"
+    assert hasattr(torch.ops.noprop_cuda, op)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_schema_argument_order_matches_eager(ext, op):
+    schema = getattr(torch.ops.noprop_cuda, op).default._schema
+    assert [a.name for a in schema.arguments] == list(inspect.signature(getattr(eager, op)).parameters)
+    assert len(schema.returns) == (3 if op.endswith("_backward") else 1)
+
+
+def test_cpu_tensors_are_refused(ext):
+    W = torch.randn(4, 3)
+    with pytest.raises(NotImplementedError):
+        torch.ops.noprop_cuda.noise_inject(W, torch.zeros(2, dtype=torch.long), torch.ones(1), torch.ones(1),
+                                          torch.zeros(1, dtype=torch.long))
+
+
+def _fake_args(dtype, K=3, B=5, m=4, d=6, per_sample=False):
+    dev = "cuda"
+    coef = (K, B) if per_sample else (K,)
+    return dict(
+        W=torch.empty(m, d, device=dev, dtype=dtype), y=torch.empty(B, device=dev, dtype=torch.long),
+        sa=torch.empty(coef, device=dev), s1m=torch.empty(coef, device=dev),
+        seed=torch.empty(1, device=dev, dtype=torch.long), logits=torch.empty(K, B, m, device=dev, dtype=dtype),
+        logits2=torch.empty(B, m, device=dev, dtype=dtype), z_prev=torch.empty(B, d, device=dev, dtype=dtype),
+        gz=torch.empty(K, B, d, device=dev, dtype=dtype), gl=torch.empty(K, device=dev))
+
+
+@pytest.mark.parametrize("dtype,per_sample", itertools.product(DTYPES, (False, True)))
+def test_fake_tensor_shapes(ext, dtype, per_sample):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    ops = torch.ops.noprop_cuda
+    with FakeTensorMode():
+        a = _fake_args(dtype, per_sample=per_sample)
+        z = ops.noise_inject(a["W"], a["y"], a["sa"], a["s1m"], a["seed"])
+        assert z.shape == (3, 5, 6) and z.dtype == dtype and z.device.type == "cuda"
+        dW, dsa, ds1m = ops.noise_inject_backward(a["gz"], a["W"], a["y"], a["sa"], a["s1m"], a["seed"])
+        assert dW.shape == a["W"].shape and dsa.shape == a["sa"].shape and ds1m.shape == a["s1m"].shape
+        loss = ops.local_loss(a["logits"], a["W"], a["y"], a["sa"])
+        assert loss.shape == (3,) and loss.dtype == torch.float32
+        dl, dW, dw = ops.local_loss_backward(a["gl"], a["logits"], a["W"], a["y"], a["sa"])
+        assert dl.shape == a["logits"].shape and dl.dtype == dtype and dW.dtype == dtype
+        assert dw.shape == a["sa"].shape
+        zn = ops.denoise_step(a["logits2"], a["W"], a["z_prev"], 0.5, 0.4, 0.1, a["seed"])
+        assert zn.shape == (5, 6) and zn.dtype == dtype
+
+
+def test_meta_tensors(ext):
+    W = torch.empty(4, 6, device="meta", dtype=torch.bfloat16)
+    z = torch.ops.noprop_cuda.noise_inject(W, torch.empty(5, device="meta", dtype=torch.long),
+                                           torch.empty(3, device="meta"), torch.empty(3, device="meta"),
+                                           torch.empty(1, device="meta", dtype=torch.long))
+    assert z.shape == (3, 5, 6) and z.dtype == torch.bfloat16
+
+
+def test_make_fx_traces_the_op_with_fake_cuda_tensors(ext):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def step(logits, W, y, weight):
+        return torch.ops.noprop_cuda.local_loss(logits, W, y, weight).sum()
+
+    with FakeTensorMode():
+        a = _fake_args(torch.float16)
+        gm = make_fx(step)(a["logits"], a["W"], a["y"], a["sa"])
+    assert "noprop_cuda.local_loss" in gm.code
+
+
+# --- on a GPU: numerics against the float64 eager reference -------------------------------------
+
+def _err(x, ref):
+    return (x.double() - ref.double()).abs().max().item()
+
+
+def _assert_close_to_reference(name, got, same_dtype_eager, ref64):
+    scale = max(1.0, ref64.abs().max().item())
+    floor = FLOOR.get(got.dtype, FLOOR[torch.float32]) * scale
+    e_cuda, e_eager = _err(got, ref64), _err(same_dtype_eager, ref64)
+    assert e_cuda <= 2 * e_eager + floor, f"{name}: |cuda - f64| = {e_cuda:.3g} > 2·{e_eager:.3g} + {floor:.3g}"
+
+
+SHAPES = [(K, B, m, d) for K in (1, 10) for B in (1, 7, 128, 1000) for m in (10, 100) for d in (10, 20, 784)]
+
+
+def _case(K, B, m, d, dtype, per_sample, device):
+    g = torch.Generator(device="cpu").manual_seed(K * 7919 + B * 31 + m * 7 + d)
+    cpu = dict(W=torch.randn(m, d, generator=g), y=torch.randint(0, m, (B,), generator=g),
+               logits=torch.randn(K, B, m, generator=g) * 3, gz=torch.randn(K, B, d, generator=g),
+               gl=torch.rand(K, generator=g) + 0.5,
+               sa=torch.rand((K, B) if per_sample else (K,), generator=g),
+               weight=torch.rand((K, B) if per_sample else (K,), generator=g) + 0.1)
+    cpu["s1m"] = (1 - cpu["sa"] ** 2).sqrt()
+    low = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() and k in ("W", "logits", "gz") else
+               v.to(device)) for k, v in cpu.items()}
+    ref = {k: (v.to(device=device, dtype=torch.float64) if v.is_floating_point() else v.to(device))
+           for k, v in low.items()}
+    seed = torch.tensor([1234567890123 + B], device=device, dtype=torch.long)
+    return low, ref, seed
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K,B,m,d", SHAPES)
+def test_noise_inject_matches_reference(gpu, dtype, K, B, m, d):
+    per_sample = (B + d) % 2 == 1  # both coefficient layouts over the grid
+    x, r, seed = _case(K, B, m, d, dtype, per_sample, gpu)
+    args = lambda t: (t["W"], t["y"], t["sa"], t["s1m"], seed)  # noqa: E731
+    _assert_close_to_reference("z", cuda_ext.noise_inject(*args(x)), eager.noise_inject(*args(x)),
+                               eager.noise_inject(*args(r)))
+    got = cuda_ext.noise_inject_backward(x["gz"], *args(x))
+    same = eager.noise_inject_backward(x["gz"], *args(x))
+    ref = eager.noise_inject_backward(r["gz"].to(torch.float64), *args(r))
+    for name, g_, s_, r_ in zip(("dW", "d_sqrt_abar", "d_sqrt_one_minus_abar"), got, same, ref):
+        assert g_.shape == s_.shape and g_.dtype == s_.dtype
+        _assert_close_to_reference(name, g_, s_, r_)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K,B,m,d", SHAPES)
+def test_local_loss_matches_reference(gpu, dtype, K, B, m, d):
+    per_sample = (B + m) % 2 == 1
+    x, r, _ = _case(K, B, m, d, dtype, per_sample, gpu)
+    args = lambda t: (t["logits"], t["W"], t["y"], t["weight"])  # noqa: E731
+    got = cuda_ext.local_loss(*args(x))
+    assert got.dtype == torch.float32 and got.shape == (K,)
+    _assert_close_to_reference("loss", got, eager.local_loss(*args(x)), eager.local_loss(*args(r)))
+    got = cuda_ext.local_loss_backward(x["gl"], *args(x))
+    same = eager.local_loss_backward(x["gl"], *args(x))
+    ref = eager.local_loss_backward(r["gl"], *args(r))
+    for name, g_, s_, r_ in zip(("dlogits", "dW", "dweight"), got, same, ref):
+        assert g_.shape == s_.shape and g_.dtype == s_.dtype
+        _assert_close_to_reference(name, g_, s_, r_)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,m,d", [(B, m, d) for B in (1, 7, 128, 1000) for m in (10, 100) for d in (10, 20, 784)])
+@pytest.mark.parametrize("sqrt_c", (0.0, 0.3))
+def test_denoise_step_matches_reference(gpu, dtype, B, m, d, sqrt_c):
+    x, r, seed = _case(1, B, m, d, dtype, False, gpu)
+    z_prev = x["gz"][0]
+    args = lambda t, zp: (t["logits"][0], t["W"], zp, 0.7, 0.6, sqrt_c, seed)  # noqa: E731
+    got = cuda_ext.denoise_step(*args(x, z_prev))
+    assert got.dtype == dtype and got.shape == (B, d)
+    _assert_close_to_reference("z_next", got, eager.denoise_step(*args(x, z_prev)),
+                               eager.denoise_step(*args(r, z_prev.double())))
+
+
+def test_mixed_dtypes_follow_eager(gpu):
+    x, r, seed = _case(3, 33, 10, 20, torch.bfloat16, True, gpu)
+    weight = x["weight"].half()
+    got = cuda_ext.local_loss_backward(x["gl"], x["logits"], x["W"].float(), x["y"].int(), weight)
+    same = eager.local_loss_backward(x["gl"], x["logits"], x["W"].float(), x["y"].int(), weight)
+    for g_, s_ in zip(got, same):
+        assert g_.dtype == s_.dtype and g_.shape == s_.shape
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 10), (10, 7, 784), (3, 1000, 20)])
+def test_noise_identical_to_eager_philox(gpu, shape):
+    K, B, d = shape
+    W = torch.randn(10, d, device=gpu)
+    y = torch.randint(0, 10, (B,), device=gpu)
+    seed = torch.tensor([2**40 + 12345], device=gpu, dtype=torch.long)
+    zero, one = torch.zeros(K, device=gpu), torch.ones(K, device=gpu)
+    eps_cuda = cuda_ext.noise_inject(torch.zeros_like(W), y, zero, one, seed)
+    eps_ref = eager.noise(seed, K, B, d, torch.float32, gpu)
+    assert (eps_cuda - eps_ref).abs().max().item() <= 1e-5
+    eps64 = eager.noise(seed, K, B, d, torch.float64, gpu)
+    assert (eps_cuda.double() - eps64).abs().max().item() <= 1e-5
+
+
+def test_same_seed_same_noise_new_seed_new_noise(gpu):
+    W = torch.randn(10, 20, device=gpu)
+    y = torch.randint(0, 10, (64,), device=gpu)
+    sa, s1m = torch.full((4,), 0.6, device=gpu), torch.full((4,), 0.8, device=gpu)
+    s = torch.tensor([77], device=gpu, dtype=torch.long)
+    a, b = cuda_ext.noise_inject(W, y, sa, s1m, s), cuda_ext.noise_inject(W, y, sa, s1m, s.clone())
+    assert torch.equal(a, b)
+    assert not torch.equal(a, cuda_ext.noise_inject(W, y, sa, s1m, s + 1))
+
+
+def test_out_of_range_labels_are_clamped_not_read_out_of_bounds(gpu):
+    W = torch.randn(10, 8, device=gpu)
+    bad = torch.tensor([-5, 3, 1000], device=gpu)
+    clamped = bad.clamp(0, 9)
+    one, zero = torch.ones(2, device=gpu), torch.zeros(2, device=gpu)
+    seed = torch.zeros(1, device=gpu, dtype=torch.long)
+    assert torch.equal(cuda_ext.noise_inject(W, bad, one, zero, seed), cuda_ext.noise_inject(W, clamped, one, zero, seed))
+    logits = torch.randn(2, 3, 10, device=gpu)
+    assert torch.equal(cuda_ext.local_loss(logits, W, bad, one), cuda_ext.local_loss(logits, W, clamped, one))
+    torch.cuda.synchronize()
+
+
+def test_float64_is_refused_with_a_clear_message(gpu):
+    W = torch.randn(4, 3, device=gpu, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="float64"):
+        torch.ops.noprop_cuda.noise_inject(W, torch.zeros(2, dtype=torch.long, device=gpu), torch.ones(1, device=gpu),
+                                          torch.ones(1, device=gpu), torch.zeros(1, dtype=torch.long, device=gpu))
+
+
+def test_backend_cuda_routes_noprop_ops_to_the_extension(gpu):
+    W = torch.randn(10, 20, device=gpu)
+    y = torch.randint(0, 10, (33,), device=gpu)
+    sa, s1m = torch.rand(4, device=gpu), torch.rand(4, device=gpu)
+    seed = torch.tensor([5], device=gpu, dtype=torch.long)
+    logits, weight = torch.randn(4, 33, 10, device=gpu), torch.rand(4, device=gpu)
+    with dispatch.use_backend("cuda"):
+        assert dispatch.backend_name(gpu) == "cuda"
+        assert torch.equal(public_noise_inject(W, y, sa, s1m, seed),
+                           torch.ops.noprop_cuda.noise_inject(W, y, sa, s1m, seed))
+        assert torch.equal(torch.ops.noprop.local_loss(logits, W, y, weight),
+                           torch.ops.noprop_cuda.local_loss(logits, W, y, weight))
+
+
+def test_autograd_through_noprop_ops_on_cuda_backend(gpu):
+    W = torch.randn(10, 20, device=gpu, requires_grad=True)
+    logits = torch.randn(3, 17, 10, device=gpu, requires_grad=True)
+    y = torch.randint(0, 10, (17,), device=gpu)
+    weight = torch.rand(3, 17, device=gpu, requires_grad=True)
+    grads = {}
+    for backend in ("cuda", "eager"):
+        with dispatch.use_backend(backend):
+            loss = torch.ops.noprop.local_loss(logits, W, y, weight).sum()
+            grads[backend] = torch.autograd.grad(loss, (logits, W, weight))
+    for a, b in zip(grads["cuda"], grads["eager"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_opcheck(gpu):
+    W = torch.randn(10, 20, device=gpu)
+    y = torch.randint(0, 10, (9,), device=gpu)
+    sa, s1m = torch.rand(2, 9, device=gpu), torch.rand(2, device=gpu)
+    seed = torch.tensor([3], device=gpu, dtype=torch.long)
+    logits = torch.randn(2, 9, 10, device=gpu)
+    ops = torch.ops.noprop_cuda
+    cases = [(ops.noise_inject.default, (W, y, sa, s1m, seed)),
+             (ops.noise_inject_backward.default, (torch.randn(2, 9, 20, device=gpu), W, y, sa, s1m, seed)),
+             (ops.local_loss.default, (logits, W, y, sa)),
+             (ops.local_loss_backward.default, (torch.rand(2, device=gpu), logits, W, y, sa)),
+             (ops.denoise_step.default, (logits[0], W, torch.randn(9, 20, device=gpu), 0.5, 0.5, 0.1, seed))]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_cuda_graph_replay_draws_fresh_noise(gpu):
+    W = torch.randn(10, 20, device=gpu)
+    y = torch.randint(0, 10, (16,), device=gpu)
+    sa, s1m = torch.full((2,), 0.6, device=gpu), torch.full((2,), 0.8, device=gpu)
+    seed_out = torch.empty(1, device=gpu, dtype=torch.long)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside capture
+        cuda_ext.noise_inject(W, y, sa, s1m, new_seed(gpu))
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        seed = new_seed(gpu)
+        seed_out.copy_(seed)
+        z = cuda_ext.noise_inject(W, y, sa, s1m, seed)
+    outs, seeds = [], []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        outs.append(z.clone())
+        seeds.append(seed_out.clone())
+    assert not torch.equal(outs[0], outs[1])
+    for out, s in zip(outs, seeds):
+        torch.testing.assert_close(out, eager.noise_inject(W, y, sa, s1m, s), rtol=1e-5, atol=1e-5)
