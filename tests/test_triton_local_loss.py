@@ -1,0 +1,140 @@
+"""Triton `local_loss` (kernels/triton/local_loss.py) against the float64 eager reference,
+opcheck and input validation.
+
+Error rule (project standard): error(triton vs float64) <= 2 x error(eager in the same dtype vs
+float64) + floor. The floor: the kernel accumulates in float32 like eager but in another order
+(row blocks, d-tiles, tl.dot, split partials of dW), which may differ from eager by a few float32
+ulps of the result's magnitude: 1e-6 relative (~8 ulps at 2**-23). fp16/bf16 results (dlogits, dW,
+dweight) are then rounded once more, and a float32 value that differs from eager's near a rounding
+midpoint may round to the neighbouring value: one ulp of the output dtype at that magnitude.
+"""
+import pytest
+import torch
+
+import noprop.kernels.triton as T
+from noprop import dispatch, ops
+
+LOW = (torch.float16, torch.bfloat16)
+
+
+def _floor(dtype, scale):
+    return (1e-6 + (torch.finfo(dtype).eps if dtype in LOW else 0.0)) * scale
+
+
+def _assert_rule(name, got, same, ref):
+    assert got.shape == ref.shape and got.dtype == same.dtype, f"{name}: {got.shape}/{got.dtype}"
+    ref = ref.double()
+    err_t = (got.double() - ref).abs().max().item()
+    err_e = (same.double() - ref).abs().max().item()
+    floor = _floor(got.dtype, ref.abs().max().item())
+    assert err_t <= 2 * err_e + floor, f"{name}: triton err {err_t:.3g} > 2 x eager err {err_e:.3g} + {floor:.3g}"
+
+
+def _inputs(K, B, m, d, dtype, per_sample, logit_scale=3.0):
+    logits = (logit_scale * torch.randn(K, B, m)).to(dtype)
+    W = torch.randn(m, d).to(dtype)
+    y = torch.randint(0, m, (B,))
+    weight = torch.rand((K, B) if per_sample else (K,)).to(dtype)
+    grad = torch.randn(K)  # the loss is float32
+    return logits, W, y, weight, grad
+
+
+def _run(backend, logits, W, y, weight, grad, dtype=None):
+    """Forward and backward through the public op: (loss, dlogits, dW, dweight)."""
+    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    logits, W, weight = (cast(t).detach().clone().requires_grad_() for t in (logits, W, weight))
+    with dispatch.use_backend(backend):
+        loss = ops.local_loss(logits, W, y, weight)
+        loss.backward(grad.to(loss.dtype))
+    return loss.detach(), logits.grad, W.grad, weight.grad
+
+
+def _check_against_reference(shape, dtype, per_sample, **kw):
+    args = _inputs(*shape, dtype, per_sample, **kw)
+    ref = _run("eager", *args, dtype=torch.float64)
+    same = _run("eager", *args)
+    got = _run("triton", *args)
+    assert got[0].dtype == torch.float32
+    for name, g, s, r in zip(("loss", "dlogits", "dW", "dweight"), got, same, ref):
+        _assert_rule(name, g, s, r)
+
+
+SHAPES = [  # (K, B, m, d)
+    (1, 1, 10, 10),
+    (10, 7, 100, 20),
+    (10, 128, 10, 20),
+    (4, 1000, 10, 10),
+    (1, 1000, 100, 20),
+    pytest.param((10, 128, 10, 784), marks=pytest.mark.slow, id="large-10-128-10-784"),
+]
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["weight[K]", "weight[K,B]"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_float64_reference_fp32(shape, per_sample):
+    _check_against_reference(shape, torch.float32, per_sample)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["weight[K]", "weight[K,B]"])
+@pytest.mark.parametrize("shape", [(10, 7, 100, 20), (2, 128, 10, 784)])
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_matches_float64_reference_low_precision(shape, dtype, per_sample):
+    _check_against_reference(shape, dtype, per_sample)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_saturated_softmax_stays_finite(dtype):
+    # logits of +-hundreds: softmax is one-hot up to underflow; padding must not create NaN/inf.
+    _check_against_reference((3, 20, 10, 20), dtype, True, logit_scale=200.0)
+
+
+def test_backward_is_deterministic():
+    args = _inputs(4, 300, 10, 20, torch.float32, False)
+    first, second = _run("triton", *args), _run("triton", *args)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_kernel_clamps_labels_it_is_never_given_unchecked():
+    # The op rejects such labels; called directly, the kernel clamps instead of reading out of bounds.
+    logits, W, _, weight, grad = _inputs(2, 4, 10, 20, torch.float32, False)
+    bad, clamped = torch.tensor([-3, 0, 9, 42]), torch.tensor([0, 0, 9, 9])
+    assert torch.equal(T.local_loss(logits, W, bad, weight), T.local_loss(logits, W, clamped, weight))
+    for a, b in zip(T.local_loss_backward(grad, logits, W, bad, weight),
+                    T.local_loss_backward(grad, logits, W, clamped, weight)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["weight[K]", "weight[K,B]"])
+def test_opcheck(per_sample):
+    logits, W, y, weight, _ = _inputs(3, 9, 10, 20, torch.float32, per_sample)
+    for t in (logits, W, weight):
+        t.requires_grad_()
+    with dispatch.use_backend("triton"):
+        torch.library.opcheck(torch.ops.noprop.local_loss.default, (logits, W, y, weight))
+
+
+BAD = {  # name -> (mutation of valid args, expected error, message fragment)
+    "label out of range": (lambda a: a.update(y=a["y"] + 10), ValueError, "labels must lie in"),
+    "labels of wrong length": (lambda a: a.update(y=torch.zeros(6, dtype=torch.int64)), ValueError, r"\[B\] = \[5\]"),
+    "W rows != m": (lambda a: a.update(W=torch.randn(11, 20)), ValueError, "m = 10 classes"),
+    "weight K mismatch": (lambda a: a.update(weight=torch.rand(4)), ValueError, "K = 3"),
+    "weight B mismatch": (lambda a: a.update(weight=torch.rand(3, 4)), ValueError, "B = 5"),
+    "logits not 3-D": (lambda a: a.update(logits=torch.randn(5, 10)), ValueError, "dimensions"),
+    "integer logits": (lambda a: a.update(logits=torch.ones(3, 5, 10, dtype=torch.int32)), TypeError, "float16"),
+    "float labels": (lambda a: a.update(y=a["y"].float()), TypeError, "int64 or int32"),
+    "W on meta": (lambda a: a.update(W=a["W"].to("meta")), ValueError, "one device"),
+    "non-contiguous logits": (lambda a: a.update(logits=torch.randn(3, 10, 5).transpose(1, 2)), ValueError,
+                              "contiguous"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_inputs_raise_before_any_kernel(case, monkeypatch):
+    def boom(*args):
+        raise AssertionError("a kernel ran on invalid inputs")
+    monkeypatch.setattr(T, "local_loss", boom)
+    a = dict(logits=torch.randn(3, 5, 10), W=torch.randn(10, 20), y=torch.randint(0, 10, (5,)), weight=torch.rand(3))
+    mutate, error, fragment = BAD[case]
+    mutate(a)
+    with dispatch.use_backend("triton"), pytest.raises(error, match=fragment):
+        ops.local_loss(a["logits"], a["W"], a["y"], a["weight"])

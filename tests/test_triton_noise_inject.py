@@ -1,0 +1,167 @@
+"""Triton `noise_inject` (kernels/triton/noise_inject.py) against the float64 eager reference,
+its noise (Philox counters shared with eager), opcheck, and input validation.
+
+Error rule (project standard): error(triton vs float64) <= 2 x error(eager in the same dtype vs
+float64) + floor. The floor: the kernel accumulates in float32 like eager but in another order
+(tiles, FMA, tl.dot), which may differ from eager by a few float32 ulps of the result's magnitude:
+1e-6 relative (~8 ulps at 2**-23). fp16/bf16 results are then rounded once more, and a float32
+value that differs from eager's near a rounding midpoint may round to the neighbouring value: one
+ulp of the output dtype at that magnitude.
+"""
+import pytest
+import torch
+
+import noprop.kernels.triton as T
+from noprop import dispatch, ops
+from noprop.ops.philox import philox_randn
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LOW = (torch.float16, torch.bfloat16)
+
+
+def _floor(dtype, scale):
+    return (1e-6 + (torch.finfo(dtype).eps if dtype in LOW else 0.0)) * scale
+
+
+def _assert_rule(name, got, same, ref):
+    assert got.shape == ref.shape and got.dtype == same.dtype, f"{name}: {got.shape}/{got.dtype}"
+    ref = ref.double()
+    err_t = (got.double() - ref).abs().max().item()
+    err_e = (same.double() - ref).abs().max().item()
+    floor = _floor(got.dtype, ref.abs().max().item())
+    assert err_t <= 2 * err_e + floor, f"{name}: triton err {err_t:.3g} > 2 x eager err {err_e:.3g} + {floor:.3g}"
+
+
+def _inputs(K, B, m, d, dtype, per_sample):
+    W = torch.randn(m, d).to(dtype)
+    y = torch.randint(0, m, (B,))
+    shape = (K, B) if per_sample else (K,)
+    sa = torch.rand(shape).to(dtype)
+    s1m = torch.rand(shape).to(dtype)
+    grad = torch.randn(K, B, d).to(dtype)
+    return W, y, sa, s1m, ops.new_seed(), grad
+
+
+def _run(backend, W, y, sa, s1m, seed, grad, dtype=None):
+    """Forward and backward through the public op: (z, dW, d_sqrt_abar, d_sqrt_one_minus_abar)."""
+    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    W, sa, s1m = (cast(t).detach().clone().requires_grad_() for t in (W, sa, s1m))
+    with dispatch.use_backend(backend):
+        z = ops.noise_inject(W, y, sa, s1m, seed)
+        z.backward(cast(grad))
+    return z.detach(), W.grad, sa.grad, s1m.grad
+
+
+SHAPES = [  # (K, B, m, d)
+    (1, 1, 10, 10),
+    (10, 7, 100, 20),
+    (10, 128, 10, 20),
+    (4, 1000, 100, 10),
+    pytest.param((1, 1000, 10, 784), marks=pytest.mark.slow, id="large-1-1000-10-784"),
+]
+
+
+def _check_against_reference(shape, dtype, per_sample):
+    args = _inputs(*shape, dtype, per_sample)
+    ref = _run("eager", *args, dtype=torch.float64)
+    same = _run("eager", *args)
+    got = _run("triton", *args)
+    for name, g, s, r in zip(("z", "dW", "d_sqrt_abar", "d_sqrt_one_minus_abar"), got, same, ref):
+        _assert_rule(name, g, s, r)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["coef[K]", "coef[K,B]"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_float64_reference_fp32(shape, per_sample):
+    _check_against_reference(shape, torch.float32, per_sample)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["coef[K]", "coef[K,B]"])
+@pytest.mark.parametrize("shape", [(10, 7, 100, 20), (3, 128, 10, 784)])
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_matches_float64_reference_low_precision(shape, dtype, per_sample):
+    _check_against_reference(shape, dtype, per_sample)
+
+
+def test_same_seed_is_bitwise_identical_and_seeds_differ():
+    W, y, sa, s1m, seed, _ = _inputs(3, 50, 10, 20, torch.float32, False)
+    with dispatch.use_backend("triton"):
+        z1 = ops.noise_inject(W, y, sa, s1m, seed)
+        z2 = ops.noise_inject(W, y, sa, s1m, seed.clone())
+        z3 = ops.noise_inject(W, y, sa, s1m, seed + 1)
+    assert torch.equal(z1, z2)
+    assert (z1 != z3).float().mean() > 0.99
+
+
+def test_eps_is_standard_normal_and_equals_eager_philox():
+    K, B, d = 4, 128, 20
+    W, y, sa, s1m, seed, _ = _inputs(K, B, 10, d, torch.float32, True)
+    with dispatch.use_backend("triton"):
+        z, eps = ops.noise_inject(W, y, sa, s1m, seed, return_eps=True)
+    n = eps.numel()
+    mean, var = eps.double().mean().item(), eps.double().var().item()
+    assert abs(mean) < 4 / n ** 0.5, mean  # standard error of the mean: 1/sqrt(n)
+    assert abs(var - 1) < 4 * (2 / (n - 1)) ** 0.5, var  # of the sample variance: sqrt(2/(n-1))
+    # Element (k, b, j) is counter (k·B + b)·d + j of the seed: the eager Philox replica agrees.
+    torch.testing.assert_close(eps, philox_randn(seed, (K, B, d)), rtol=0, atol=1e-5)
+    # z is built from that very ε.
+    expect = sa[..., None] * W[y] + s1m[..., None] * eps
+    torch.testing.assert_close(z, expect, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["coef[K]", "coef[K,B]"])
+def test_backward_regenerates_the_forward_noise(per_sample):
+    W, y, sa, s1m, seed, grad = _inputs(3, 40, 10, 20, torch.float32, per_sample)
+    with dispatch.use_backend("triton"):
+        _, eps = ops.noise_inject(W, y, sa, s1m, seed, return_eps=True)
+    _, _, _, d_s1m = _run("triton", W, y, sa, s1m, seed, grad)
+    expect = (grad.double() * eps.double()).sum(-1)
+    expect = expect if per_sample else expect.sum(1)
+    torch.testing.assert_close(d_s1m.double(), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_is_deterministic():
+    args = _inputs(5, 300, 10, 20, torch.float32, False)
+    first, second = _run("triton", *args), _run("triton", *args)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["coef[K]", "coef[K,B]"])
+def test_opcheck(per_sample):
+    W, y, sa, s1m, seed, _ = _inputs(3, 9, 10, 20, torch.float32, per_sample)
+    W.requires_grad_()
+    sa.requires_grad_()
+    s1m.requires_grad_()
+    with dispatch.use_backend("triton"):
+        torch.library.opcheck(torch.ops.noprop.noise_inject.default, (W, y, sa, s1m, seed))
+
+
+def _no_kernel(monkeypatch):
+    def boom(*args):
+        raise AssertionError("a kernel ran on invalid inputs")
+    monkeypatch.setattr(T, "noise_inject", boom)
+
+
+BAD = {  # name -> (mutation of valid args, expected error, message fragment)
+    "label out of range": (lambda a: a.update(y=a["y"] + 10), ValueError, "labels must lie in"),
+    "negative label": (lambda a: a["y"].__setitem__(0, -1), ValueError, "labels must lie in"),
+    "K mismatch": (lambda a: a.update(s1m=torch.rand(4)), ValueError, "K = 3"),
+    "B mismatch": (lambda a: a.update(sa=torch.rand(3, 6)), ValueError, "B = 5"),
+    "W not 2-D": (lambda a: a.update(W=torch.randn(10)), ValueError, "dimensions"),
+    "integer W": (lambda a: a.update(W=torch.ones(10, 20, dtype=torch.int64)), TypeError, "float16"),
+    "float labels": (lambda a: a.update(y=a["y"].float()), TypeError, "int64 or int32"),
+    "int32 seed": (lambda a: a.update(seed=torch.zeros(1, dtype=torch.int32)), TypeError, "seed"),
+    "W on meta": (lambda a: a.update(W=a["W"].to("meta")), ValueError, "one device"),
+    "non-contiguous W": (lambda a: a.update(W=torch.randn(20, 10).t()), ValueError, "contiguous"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_inputs_raise_before_any_kernel(case, monkeypatch):
+    _no_kernel(monkeypatch)
+    a = dict(W=torch.randn(10, 20), y=torch.randint(0, 10, (5,)), sa=torch.rand(3), s1m=torch.rand(3),
+             seed=torch.zeros(1, dtype=torch.int64))
+    mutate, error, fragment = BAD[case]
+    mutate(a)
+    with dispatch.use_backend("triton"), pytest.raises(error, match=fragment):
+        ops.noise_inject(a["W"], a["y"], a["sa"], a["s1m"], a["seed"])
