@@ -23,9 +23,10 @@ import torch
 BACKENDS = ("triton", "cuda", "eager")
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "eager"), "cpu": ("eager",)}
 _override = threading.local()
-# dtypes a backend does not run, with the reason (one place; the CUDA extension may add its own).
+# dtypes a backend does not run, with the reason (one place; kernels/cuda's unsupported_reason agrees).
 _UNSUPPORTED_DTYPES = {
     "triton": {torch.float64: "the Triton kernels compute in float32; float64 inputs run on the eager reference"},
+    "cuda": {torch.float64: "the CUDA extension computes float32/float16/bfloat16 only; float64 runs on the eager backend"},
 }
 
 

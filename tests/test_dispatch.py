@@ -1,0 +1,125 @@
+"""noprop.dispatch: the one place that picks triton / cuda / eager per call (device and dtype)."""
+import threading
+
+import pytest
+import torch
+
+import noprop.kernels.triton as T
+from noprop import dispatch, ops
+from noprop.ops import eager
+
+
+def _loss_args(dtype=torch.float32):
+    return (torch.randn(2, 3, 10, dtype=dtype), torch.randn(10, 4, dtype=dtype), torch.tensor([0, 3, 9]),
+            torch.rand(2, dtype=dtype))
+
+
+def _spy(monkeypatch, module, name):
+    calls = []
+    real = getattr(module, name)
+
+    def spy(*args):
+        calls.append(name)
+        return real(*args)
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def test_cuda_on_cpu_raises_with_the_reason(monkeypatch):
+    monkeypatch.setenv("NOPROP_BACKEND", "cuda")
+    with pytest.raises(dispatch.BackendUnavailable, match="NOPROP_BACKEND=cuda cannot run on cpu: .*CUDA tensors only"):
+        dispatch.backend_name(torch.device("cpu"))
+    with pytest.raises(dispatch.BackendUnavailable, match="CUDA tensors only"):
+        ops.local_loss(*_loss_args())
+
+
+@pytest.mark.parametrize("name", ["tpu", "", "triton,eager"])
+def test_invalid_backend_name_raises(monkeypatch, name):
+    monkeypatch.setenv("NOPROP_BACKEND", name)
+    with pytest.raises(ValueError, match="is not one of auto"):
+        dispatch.requested_backend()
+    with pytest.raises(ValueError, match="is not one of auto"):
+        ops.local_loss(*_loss_args())
+
+
+def test_invalid_name_in_use_backend_raises_at_entry():
+    with pytest.raises(ValueError, match="is not one of auto"):
+        with dispatch.use_backend("bogus"):
+            pass
+    assert dispatch.requested_backend() == "auto"  # the bad override did not stick
+
+
+def test_names_are_case_and_space_insensitive(monkeypatch):
+    monkeypatch.setenv("NOPROP_BACKEND", " Eager ")
+    assert dispatch.requested_backend() == "eager"
+
+
+def test_auto_on_cpu_picks_eager(monkeypatch):
+    monkeypatch.setenv("NOPROP_BACKEND", "auto")
+    assert dispatch.backend_name(torch.device("cpu")) == "eager"
+    calls_e, calls_t = _spy(monkeypatch, eager, "local_loss"), _spy(monkeypatch, T, "local_loss")
+    ops.local_loss(*_loss_args())
+    assert calls_e == ["local_loss"] and calls_t == []
+
+
+def test_triton_selectable_under_the_interpreter(monkeypatch):
+    assert dispatch.triton_interpreted()
+    assert dispatch.why_unavailable("triton", torch.device("cpu")) is None
+    calls_e, calls_t = _spy(monkeypatch, eager, "local_loss"), _spy(monkeypatch, T, "local_loss")
+    with dispatch.use_backend("triton"):
+        assert dispatch.backend_name(torch.device("cpu")) == "triton"
+        ops.local_loss(*_loss_args())
+    assert calls_t == ["local_loss"] and calls_e == []
+    monkeypatch.setenv("NOPROP_BACKEND", "triton")  # the environment variable does the same
+    ops.local_loss(*_loss_args())
+    assert calls_t == ["local_loss"] * 2
+
+
+def test_float64_raises_under_explicit_triton_and_goes_to_eager_under_auto(monkeypatch):
+    with dispatch.use_backend("triton"):
+        with pytest.raises(dispatch.BackendUnavailable, match="float64 inputs run on the eager reference"):
+            ops.local_loss(*_loss_args(torch.float64))
+    calls_e = _spy(monkeypatch, eager, "local_loss")
+    # auto on a CUDA device would take triton for float32 but eager for float64 (CUDA faked here).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cuda = torch.device("cuda")
+    assert dispatch.backend_name(cuda, [torch.float32]) == "triton"
+    assert dispatch.backend_name(cuda, [torch.float32, torch.float64]) == "eager"
+    assert "float32" in dispatch.why_unavailable("triton", cuda, torch.float64)
+    assert dispatch.why_unavailable("triton", cuda, torch.bfloat16) is None
+    loss = ops.local_loss(*_loss_args(torch.float64))  # auto on CPU: eager, float64 result
+    assert loss.dtype == torch.float64 and calls_e == ["local_loss"]
+
+
+def test_triton_without_interpreter_on_cpu_says_why(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET=1" in dispatch.why_unavailable("triton", torch.device("cpu"))
+    with dispatch.use_backend("triton"), pytest.raises(dispatch.BackendUnavailable, match="TRITON_INTERPRET"):
+        ops.local_loss(*_loss_args())
+
+
+def test_kernels_compiled_before_the_interpreter_was_switched_on(monkeypatch):
+    monkeypatch.setattr(T, "INTERPRETED", False)
+    assert "imported before TRITON_INTERPRET=1" in dispatch.why_unavailable("triton", torch.device("cpu"))
+
+
+def test_cuda_device_without_gpu_and_unknown_devices(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "no CUDA device" in dispatch.why_unavailable("triton", torch.device("cuda"))
+    assert dispatch.backend_name(torch.device("cuda")) == "eager"  # auto falls back
+    assert "no support for meta" in dispatch.why_unavailable("triton", torch.device("meta"))
+    assert dispatch.why_unavailable("eager", torch.device("meta")) is None
+    with pytest.raises(ValueError, match="unknown backend"):
+        dispatch.why_unavailable("opencl", torch.device("cpu"))
+
+
+def test_use_backend_nests_restores_and_is_thread_local():
+    seen = {}
+    with dispatch.use_backend("triton"):
+        with dispatch.use_backend("eager"):
+            assert dispatch.requested_backend() == "eager"
+        assert dispatch.requested_backend() == "triton"
+        worker = threading.Thread(target=lambda: seen.setdefault("other", dispatch.requested_backend()))
+        worker.start()
+        worker.join()
+    assert seen["other"] == "auto" and dispatch.requested_backend() == "auto"
