@@ -1,0 +1,86 @@
+"""`python -m noprop.info` (and `noprop info`): which backend can run each op here, and why not.
+
+Prints the versions (torch, Triton, CUDA), the devices, and per device a table of every op in
+`noprop.ops.OPS` x every backend in `noprop.dispatch.BACKENDS`: "available" or a footnote with the
+reason from `dispatch.why_unavailable`, plus what `auto` picks for float32 and float64 inputs.
+Nothing here launches a kernel.
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+from noprop import dispatch
+from noprop.ops import OPS
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+        return triton.__version__
+    except Exception as exc:  # not installed, or a broken driver raising at import
+        return f"not importable ({type(exc).__name__})"
+
+
+def _devices() -> list[tuple[torch.device, str]]:
+    devices = [(torch.device("cpu"), platform.processor() or platform.machine() or "cpu")]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            devices.append((torch.device("cuda", i), torch.cuda.get_device_name(i)))
+    return devices
+
+
+def _auto_pick(device: torch.device, dtype: torch.dtype) -> str:
+    with dispatch.use_backend("auto"):
+        return dispatch.backend_name(device, [dtype])
+
+
+def _requested() -> str:
+    try:
+        return dispatch.requested_backend()
+    except ValueError as exc:
+        return f"invalid ({exc})"
+
+
+def report() -> str:
+    cuda = torch.version.cuda or "none (CPU-only torch build)"
+    lines = [
+        "noprop backends",
+        f"  torch {torch.__version__} | triton {_triton_version()} | CUDA {cuda} | "
+        f"CUDA devices visible: {torch.cuda.device_count() if torch.cuda.is_available() else 0}",
+        f"  NOPROP_BACKEND={os.environ.get('NOPROP_BACKEND', 'auto')} (requested: {_requested()}) | "
+        f"TRITON_INTERPRET={'on' if dispatch.triton_interpreted() else 'off'}",
+    ]
+    notes: list[str] = []
+    width = max(len(op) for op in OPS) + 2
+    for device, name in _devices():
+        lines += ["", f"device {device} ({name})", "  " + "op".ljust(width) + "".join(b.ljust(16) for b in dispatch.BACKENDS).rstrip()]
+        cells = []
+        for backend in dispatch.BACKENDS:
+            reason = dispatch.why_unavailable(backend, device)
+            if reason is None:
+                cells.append("available")
+            else:
+                if reason not in notes:
+                    notes.append(reason)
+                cells.append(f"no [{notes.index(reason) + 1}]")
+        for op in OPS:  # availability is decided per device (and dtype), the same for every op today
+            lines.append("  " + op.ljust(width) + "".join(c.ljust(16) for c in cells).rstrip())
+        lines.append(f"  auto picks: {_auto_pick(device, torch.float32)} for float32/float16/bfloat16, "
+                     f"{_auto_pick(device, torch.float64)} for float64")
+    if not torch.cuda.is_available():
+        lines += ["", "device cuda: none visible to torch (only the CPU rows apply)"]
+    if notes:
+        lines += ["", "why not:"] + [f"  [{i}] {note}" for i, note in enumerate(notes, 1)]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    print(report())
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""`noprop.info`: the op x backend availability report."""
+import subprocess
+import sys
+
+from noprop import dispatch, info
+from noprop.ops import OPS
+
+
+def test_main_prints_every_op_and_backend(capsys):
+    assert info.main() == 0
+    out = capsys.readouterr().out
+    for name in OPS + dispatch.BACKENDS:
+        assert name in out
+    assert "device cpu" in out and "auto picks: eager" in out
+    assert "torch " in out and "triton " in out
+    # every "no [i]" cell has its footnote with the reason from dispatch.why_unavailable
+    assert "CUDA tensors only" in out
+
+
+def test_runs_as_a_module():
+    done = subprocess.run([sys.executable, "-m", "noprop.info"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert all(op in done.stdout for op in OPS)
