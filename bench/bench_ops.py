@@ -1,0 +1,190 @@
+"""Microbenchmarks of NoProp's fused ops, per op x backend.
+
+1. pytest-benchmark (``pytest bench/bench_ops.py --benchmark-only``): eager always; triton and cuda
+   only on a CUDA device (skipped with the reason otherwise: Triton's CPU interpreter is a test
+   vehicle, not something to time).
+2. ``python bench/bench_ops.py OUT_DIR [--dtype bfloat16]`` on a GPU: times every op x backend
+   (eager composition, triton, cuda extension when loaded) with ``triton.testing.do_bench`` at
+   K=11, B=4096, m=10 and d=10 / d=784, turns each time into achieved GB/s from the bytes the op
+   must move at least (inputs read once, outputs written once), compares that with the device's
+   copy bandwidth (a large clone: the roofline), prints a table and writes JSON rows to
+   OUT_DIR/bench_ops.json. Without a GPU it says so and exits 0 (``--allow-cpu`` times eager on the
+   CPU with a wall clock, to smoke-test this script).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from noprop import dispatch
+from noprop.ops import eager, new_seed
+
+CONFIGS = [(11, 4096, 10, 10), (11, 4096, 10, 784)]  # (K, B, m, d) on a GPU
+CPU_CONFIG = (11, 128, 10, 20)  # small enough for the eager CPU reference
+OPS = ("noise_inject", "noise_inject_backward", "local_loss", "local_loss_backward", "denoise_step")
+_MODULES = {"eager": "noprop.ops.eager", "triton": "noprop.kernels.triton", "cuda": "noprop.kernels.cuda"}
+
+
+def backend_reason(backend: str, device: torch.device) -> str | None:
+    if backend == "triton" and device.type != "cuda":
+        return "Triton is benchmarked on CUDA devices only (the CPU interpreter is not a benchmark)"
+    return dispatch.why_unavailable(backend, device)
+
+
+def backend_module(backend: str):
+    import importlib
+    return importlib.import_module(_MODULES[backend])
+
+
+def make_case(op: str, K: int, B: int, m: int, d: int, dtype: torch.dtype, device) -> tuple[tuple, int]:
+    """(args of `op`, bytes the op must move at least: every input read once, every output written once)."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    W = torch.randn(m, d, device=device).to(dtype)
+    y = torch.randint(0, m, (B,), device=device)
+    seed = new_seed(device)
+    common = m * d * elt + B * 8  # W and the labels
+    if op in ("noise_inject", "noise_inject_backward"):
+        sa, s1m = torch.rand(K, device=device), torch.rand(K, device=device)
+        if op == "noise_inject":
+            return (W, y, sa, s1m, seed), common + 2 * K * 4 + K * B * d * elt
+        grad = torch.randn(K, B, d, device=device).to(dtype)
+        return (grad, W, y, sa, s1m, seed), K * B * d * elt + 2 * common + 4 * K * 4
+    if op in ("local_loss", "local_loss_backward"):
+        logits = torch.randn(K, B, m, device=device).to(dtype)
+        weight = torch.rand(K, device=device)
+        if op == "local_loss":
+            return (logits, W, y, weight), K * B * m * elt + common + 2 * K * 4
+        grad = torch.randn(K, device=device)
+        return (grad, logits, W, y, weight), 2 * K * B * m * elt + common + m * d * elt + 3 * K * 4
+    if op == "denoise_step":
+        logits = torch.randn(B, m, device=device).to(dtype)
+        z = torch.randn(B, d, device=device).to(dtype)
+        return (logits, W, z, 0.3, 0.8, 0.2, seed), B * m * elt + m * d * elt + 2 * B * d * elt
+    raise ValueError(op)
+
+
+def time_ms(fn, device: torch.device) -> float:
+    """Median milliseconds per call: do_bench on a GPU, a synchronised wall clock on the CPU."""
+    if device.type == "cuda":
+        import triton.testing
+        return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Roofline: GB/s of cloning a large tensor (read + write)."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    ms = time_ms(lambda: x.clone(), device)
+    return 2 * nbytes / ms / 1e6
+
+
+def run(out_dir: Path | None, dtype: torch.dtype, device: torch.device) -> list[dict]:
+    configs = CONFIGS if device.type == "cuda" else [CPU_CONFIG]
+    roof = copy_bandwidth_gbs(device, (1 << 30) if device.type == "cuda" else (1 << 26))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    rows = []
+    for K, B, m, d in configs:
+        for op in OPS:
+            args, nbytes = make_case(op, K, B, m, d, dtype, device)
+            for backend in dispatch.BACKENDS:
+                row = dict(op=op, backend=backend, K=K, B=B, m=m, d=d, dtype=str(dtype).removeprefix("torch."),
+                           bytes=nbytes, device=name, torch=torch.__version__, triton=triton_version,
+                           roofline_gbs=round(roof, 1))
+                reason = backend_reason(backend, device)
+                if reason:
+                    rows.append(dict(row, skipped=reason))
+                    continue
+                fn = getattr(backend_module(backend), op)
+                try:
+                    ms = time_ms(lambda: fn(*args), device)
+                except Exception as exc:  # report and keep going: one broken backend must not hide the rest
+                    rows.append(dict(row, error=f"{type(exc).__name__}: {exc}"))
+                    continue
+                gbs = nbytes / ms / 1e6
+                rows.append(dict(row, ms=round(ms, 5), gbs=round(gbs, 1), fraction_of_roofline=round(gbs / roof, 3)))
+    print(f"device: {name} | copy bandwidth (roofline): {roof:.0f} GB/s | dtype {dtype}")
+    print(f"{'K':>3} {'B':>5} {'m':>4} {'d':>5}  {'op':<22}{'backend':<8}{'ms':>10}{'GB/s':>9}{'of roof':>9}")
+    for r in rows:
+        head = f"{r['K']:>3} {r['B']:>5} {r['m']:>4} {r['d']:>5}  {r['op']:<22}{r['backend']:<8}"
+        if "ms" in r:
+            print(head + f"{r['ms']:>10.4f}{r['gbs']:>9.1f}{r['fraction_of_roofline']:>9.1%}")
+        else:
+            print(head + "  " + r.get("skipped", r.get("error", "")))
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "bench_ops.json"
+        path.write_text(json.dumps(rows, indent=1))
+        print(f"wrote {len(rows)} rows to {path}")
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", nargs="?", type=Path, help="directory for bench_ops.json")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--allow-cpu", action="store_true", help="time eager on the CPU (smoke test)")
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    elif args.allow_cpu:
+        device = torch.device("cpu")
+    else:
+        print("bench_ops needs a CUDA GPU (none visible to torch); nothing timed.")
+        return 0
+    run(args.out_dir, dtype, device)
+    return 0
+
+
+# ---- pytest-benchmark: pytest bench/bench_ops.py --benchmark-only ----------------------------------
+
+def _bench_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+try:
+    import pytest
+except ImportError:  # running as a script without pytest installed
+    pytest = None
+
+if pytest is not None:
+    @pytest.mark.parametrize("backend", dispatch.BACKENDS)
+    @pytest.mark.parametrize("op", OPS)
+    def test_bench(benchmark, op, backend):
+        device = _bench_device()
+        reason = backend_reason(backend, device)
+        if reason:
+            pytest.skip(reason)
+        K, B, m, d = (11, 4096, 10, 784) if device.type == "cuda" else CPU_CONFIG
+        args, nbytes = make_case(op, K, B, m, d, torch.float32, device)
+        fn = getattr(backend_module(backend), op)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+        def call():
+            fn(*args)
+            sync()
+        call()  # compile / warm up outside the timing
+        benchmark.extra_info.update(K=K, B=B, m=m, d=d, bytes=nbytes)
+        benchmark(call)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
