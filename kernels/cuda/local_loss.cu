@@ -103,6 +103,7 @@ struct Inputs {
   int64_t K, B, m, d;
 };
 
+// Checks everything, then converts W and weight to contiguous float32 on logits' device.
 Inputs check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& W, const at::Tensor& y,
                     const at::Tensor& weight) {
   check_cuda_float(logits, op, "logits", 3);
@@ -113,6 +114,8 @@ Inputs check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& 
   TORCH_CHECK(W.size(0) == m, op, ": logits has m = ", m, " classes but W has ", W.size(0),
               " rows (W must be [m, d])");
   check_labels(y, op, B);
+  check_cuda_float(weight, op, "weight", 1, 2);
+  const c10::cuda::CUDAGuard guard(logits.device());
   return {logits.contiguous(), W.to(at::kFloat).contiguous(), y.to(at::kLong).contiguous(),
           coefficient_f32(weight, op, "weight", K, B), K, B, m, W.size(1)};
 }
@@ -123,8 +126,8 @@ constexpr int64_t kMaxSmemFloats = 48 * 1024 / sizeof(float);  // default dynami
 
 at::Tensor local_loss(const at::Tensor& logits, const at::Tensor& W, const at::Tensor& y, const at::Tensor& weight) {
   constexpr const char* op = "noprop_cuda::local_loss";
-  const c10::cuda::CUDAGuard guard(logits.device());
   const Inputs in = check_inputs(op, logits, W, y, weight);
+  const c10::cuda::CUDAGuard guard(logits.device());
   TORCH_CHECK(in.m <= kMaxSmemFloats, op, ": the CUDA kernel handles at most ", kMaxSmemFloats,
               " classes, got m = ", in.m, " (use NOPROP_BACKEND=triton or eager)");
   at::Tensor rows = at::empty({in.K, in.B}, logits.options().dtype(at::kFloat));
@@ -144,8 +147,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_loss_backward(const at::Ten
                                                                    const at::Tensor& logits, const at::Tensor& W,
                                                                    const at::Tensor& y, const at::Tensor& weight) {
   constexpr const char* op = "noprop_cuda::local_loss_backward";
-  const c10::cuda::CUDAGuard guard(logits.device());
   const Inputs in = check_inputs(op, logits, W, y, weight);
+  const c10::cuda::CUDAGuard guard(logits.device());
   check_cuda_float(grad_loss, op, "grad_loss", 1);
   check_same_device(op, {&logits, &grad_loss});
   TORCH_CHECK(grad_loss.size(0) == in.K, op, ": grad_loss must have shape [K] = [", in.K, "], got ",
