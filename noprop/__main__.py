@@ -1,0 +1,5 @@
+import sys
+
+from noprop.cli import main
+
+sys.exit(main())

@@ -1,0 +1,129 @@
+"""`noprop` command line: train | eval | bench | profile | info."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+
+from noprop.training import METHODS, SCHEDULES, TrainConfig
+
+DEFAULTS = TrainConfig()
+
+
+def _add_data_args(p):
+    p.add_argument("--data", default="mnist5k",
+                   help="data source: mnist5k (embedded 4k/1k MNIST subset, default) or synthetic[:C,H,W[,classes[,N]]]")
+    p.add_argument("--data-dir", default=None,
+                   help="directory with MNIST IDX files or CIFAR-10/100 python batches (torchvision layout)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+
+
+def _add_train_args(p):
+    p.add_argument("--method", choices=METHODS, default=DEFAULTS.method,
+                   help="dt = NoProp-DT; backprop = the same blocks trained end to end; cnn = one block's image "
+                        "branch + linear classifier trained with backprop (strongest fair reference)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=DEFAULTS.schedule,
+                   help="NoProp-DT update schedule: all-blocks (every block every minibatch) or sequential "
+                        "(paper's Algorithm 1: one pass over the data per block)")
+    p.add_argument("--embedding", choices=("onehot", "learned", "prototype"), default=DEFAULTS.embedding,
+                   help="class embedding: fixed one-hot, learned (--embed-dim), or prototype (image-sized)")
+    p.add_argument("--embed-dim", type=int, default=DEFAULTS.embed_dim, help="dimension d of a learned embedding")
+    p.add_argument("-T", "--blocks", dest="T", type=int, default=DEFAULTS.T, help="number of blocks / diffusion steps")
+    p.add_argument("--eta", type=float, default=DEFAULTS.eta, help="weight η of the denoising loss")
+    p.add_argument("--max-alpha-bar", type=float, default=DEFAULTS.max_alpha_bar,
+                   help="ᾱ_T, the top of the cosine schedule (caps SNR(T))")
+    p.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="passes over the training data")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="minibatch size")
+    p.add_argument("--lr", type=float, default=DEFAULTS.lr, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="AdamW weight decay")
+    p.add_argument("--shared-lr-scale", type=float, default=None,
+                   help="learning-rate factor of the shared head and embedding (default: T for all-blocks, else 1)")
+    p.add_argument("--eval-runs", type=int, default=DEFAULTS.eval_runs,
+                   help="stochastic inference chains averaged per test image")
+    p.add_argument("--mean-chain", action="store_true", help="evaluate with the noise-free mean chain")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="noprop", description="NoProp training engine (Li, Teh, Pascanu 2025)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train NoProp-DT (default) or a backprop baseline",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_train_args(p)
+    _add_data_args(p)
+    p.add_argument("--checkpoint", default="runs/noprop.pt", help="checkpoint written (atomically) after every epoch")
+    p.add_argument("--metrics", default=None, help="write one JSON object per epoch to this file")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from --checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    p = sub.add_parser("eval", help="score a checkpoint on its test set",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="checkpoint written by noprop train")
+    _add_data_args(p)
+    p.add_argument("--eval-runs", type=int, default=1, help="stochastic inference chains averaged per image")
+    p.add_argument("--mean-chain", action="store_true", help="use the noise-free mean chain")
+    p.add_argument("--seed", type=int, default=0, help="seed of the inference noise")
+
+    sub.add_parser("info", help="which op backends can run here, and why not")
+    return parser
+
+
+def _train(args) -> int:
+    from noprop.data import load
+    from noprop.training import fit
+
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    cfg = TrainConfig(**values)
+    split = load(cfg.data, cfg.data_dir, cfg.seed)
+    print(f"training {cfg.method} ({cfg.schedule if cfg.method == 'dt' else 'end to end'}) on {split.name}: "
+          f"{len(split.train)} train / {len(split.test)} test images, {cfg.epochs} epochs, device {cfg.device}")
+    _, history = fit(cfg, split, args.checkpoint, args.metrics, args.resume, progress=not args.no_progress)
+    if history:
+        last = history[-1]
+        print(f"final test accuracy {last['test_acc']:.4f} after {last['elapsed_s']:.0f}s of training; "
+              f"checkpoint {args.checkpoint}")
+    return 0
+
+
+def _eval(args) -> int:
+    from noprop.data import load
+    from noprop.training import evaluate, load_model
+
+    model, cfg, _ = load_model(args.checkpoint, args.device)
+    split = load(cfg.data, args.data_dir or cfg.data_dir, cfg.seed)
+    acc = evaluate(model, split.test, args.device, runs=args.eval_runs, mean_chain=args.mean_chain, seed=args.seed)
+    print(json.dumps({"checkpoint": args.checkpoint, "method": cfg.method, "data": split.name,
+                      "test_acc": acc, "test_size": len(split.test)}))
+    return 0
+
+
+def _info(args) -> int:
+    from noprop import info
+
+    info.main()
+    return 0
+
+
+COMMANDS = {"train": _train, "eval": _eval, "info": _info}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from noprop.checkpoint import CheckpointError
+    from noprop.data import DataError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (CheckpointError, DataError, ValueError, FloatingPointError) as exc:
+        print(f"noprop {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"noprop {args.command}: interrupted (the last completed epoch's checkpoint is intact; "
+              "continue with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

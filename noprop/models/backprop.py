@@ -1,0 +1,58 @@
+"""Backprop baselines (method doc §2).
+
+`BackpropDT`: the paper's same-architecture baseline — the same T blocks and head trained end to
+end through z_t = (1 − a_t)·z_{t−1} + a_t·û_t(z_{t−1}, x), a_t = tanh(w_t) learnable, z_0 ~ N(0, I).
+The paper gives no initial w_t; with w_t = 0 the blocks start disconnected (a_t = 0) and the
+baseline barely learns, which would flatter NoProp. We start at a_t = 0.5 (w_t = atanh 0.5).
+
+`CNNClassifier` (in blocks.py) is the strongest fair reference for accuracy comparisons.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from noprop.embeddings import ClassEmbedding
+
+
+class BackpropDT(nn.Module):
+    """blocks: T modules or a factory t -> module; forward(x) -> logits [B, m] of head(z_T)."""
+
+    def __init__(self, blocks: Sequence[nn.Module] | Callable[[int], nn.Module], embedding: ClassEmbedding,
+                 num_blocks: int = 10, init_mix: float = 0.5):
+        super().__init__()
+        if callable(blocks) and not isinstance(blocks, nn.Module):
+            blocks = [blocks(t) for t in range(1, num_blocks + 1)]
+        self.blocks = nn.ModuleList(blocks)
+        if not 0.0 < init_mix < 1.0:
+            raise ValueError(f"init_mix (the initial a_t) must lie in (0, 1), got {init_mix}")
+        self.w = nn.Parameter(torch.full((len(self.blocks),), math.atanh(init_mix)))
+        self.embedding = embedding
+        self.head = nn.Linear(embedding.dim, embedding.num_classes)
+
+    @property
+    def num_classes(self) -> int:
+        return self.embedding.num_classes
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        W = self.embedding.weight
+        z = torch.randn(x.shape[0], W.shape[1], device=x.device, dtype=W.dtype, generator=generator)
+        mix = torch.tanh(self.w)
+        for t, block in enumerate(self.blocks):
+            u_hat = torch.softmax(block(x, z), dim=-1) @ W
+            z = (1 - mix[t]) * z + mix[t] * u_hat
+        return self.head(z)
+
+    def loss(self, x, y):
+        return F.cross_entropy(self(x), y)
+
+    @torch.no_grad()
+    def predict_proba(self, x, runs: int = 1, generator=None, **_):
+        return sum(torch.softmax(self(x, generator), -1) for _ in range(runs)) / runs
+
+    def predict(self, x, **kwargs):
+        return self.predict_proba(x, **kwargs).argmax(-1)

@@ -1,0 +1,136 @@
+"""NoProp-DT: T independent blocks, a shared linear head, shared class embeddings.
+
+Training never feeds one block's output to another: block t sees z_{t-1} ~ q(z_{t-1} | y), sampled
+from the label by `noise_inject`, and learns from its own local loss. Inference runs the label-free
+chain z_0 ~ N(0, I) → z_1 → ... → z_T with `denoise_step`, then the head.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from noprop.embeddings import ClassEmbedding
+from noprop.ops import denoise_step, local_loss, new_seed, noise_inject
+from noprop.schedule import DTSchedule
+
+
+@dataclass
+class DTLosses:
+    """Parts of the DT objective for one minibatch (all scalars but `local`)."""
+
+    total: torch.Tensor
+    local: torch.Tensor  # [k]: weighted denoising loss of each trained block
+    ce: torch.Tensor  # cross-entropy of head(z_T), z_T ~ q(z_T | y)
+    kl: torch.Tensor  # KL(q(z_0 | y) ‖ N(0, I))
+
+
+class NoPropDT(nn.Module):
+    """T blocks (each (x [B,...], z [B, d]) -> logits [B, m]), a head Linear(d, m) and W [m, d].
+
+    blocks: a sequence of T modules, or a factory t -> module called for t = 1..T (`num_blocks`).
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module] | Callable[[int], nn.Module], embedding: ClassEmbedding,
+                 schedule: DTSchedule | None = None, num_blocks: int | None = None, eta: float = 0.1):
+        super().__init__()
+        if callable(blocks) and not isinstance(blocks, nn.Module):
+            T = num_blocks if num_blocks is not None else (schedule.T if schedule else 10)
+            blocks = [blocks(t) for t in range(1, T + 1)]
+        self.blocks = nn.ModuleList(blocks)
+        T = len(self.blocks)
+        if T < 1:
+            raise ValueError("NoPropDT needs at least one block")
+        self.schedule = schedule if schedule is not None else DTSchedule.cosine(T)
+        if self.schedule.T != T:
+            raise ValueError(f"the schedule has T = {self.schedule.T} steps but {T} blocks were given")
+        for t, block in enumerate(self.blocks, 1):
+            if not any(True for _ in block.parameters()):
+                raise ValueError(f"block {t} ({type(block).__name__}) has no parameters: nothing for it to learn")
+        self.embedding = embedding
+        self.head = nn.Linear(embedding.dim, embedding.num_classes)
+        self.eta = eta
+        ab = self.schedule.alpha_bar
+        a, b, c = self.schedule.inference_coefficients()
+        self.register_buffer("sqrt_alpha_bar", ab.sqrt().float(), persistent=False)
+        self.register_buffer("sqrt_one_minus_alpha_bar", (1 - ab).sqrt().float(), persistent=False)
+        self.register_buffer("block_weight", self.schedule.block_loss_weights(eta).float(), persistent=False)
+        self._abc = (a.tolist(), b.tolist(), c.sqrt().tolist())
+
+    @property
+    def T(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_classes(self) -> int:
+        return self.embedding.num_classes
+
+    def block_logits(self, t: int, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Run block t (1-based) and check its output: logits [B, m]."""
+        out = self.blocks[t - 1](x, z)
+        if not isinstance(out, torch.Tensor) or out.shape != (x.shape[0], self.num_classes):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"block {t} ({type(self.blocks[t - 1]).__name__}) must return logits of shape "
+                             f"[B, m] = [{x.shape[0]}, {self.num_classes}], got {got}")
+        return out
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor, blocks: Sequence[int] | None = None) -> DTLosses:
+        """DT objective on one minibatch for the blocks in `blocks` (1-based; default all).
+
+        total = Σ_{t in blocks} (T/2)·η·ΔSNR(t)·‖û_t(z_{t-1}, x) − u_y‖² + CE(head(z_T), y) + KL.
+        Each block's parameters get exactly the gradient of their own local term: z_{t-1} is
+        sampled from the label, never from another block.
+        """
+        ts = list(range(1, self.T + 1)) if blocks is None else list(blocks)
+        if not ts or any(not 1 <= t <= self.T for t in ts):
+            raise ValueError(f"blocks to train must be a non-empty subset of 1..{self.T}, got {ts}")
+        W = self.embedding.weight
+        # One launch samples z_0..z_T for the whole minibatch: block t reads z_{t-1}, the head z_T.
+        # Sampling all of them (not just the trained blocks') keeps each block's noise the same
+        # whichever subset is trained, so a subset's loss is exactly its share of the full loss.
+        z = noise_inject(W, y, self.sqrt_alpha_bar, self.sqrt_one_minus_alpha_bar, new_seed(W.device))
+        logits = torch.stack([self.block_logits(t, x, z[t - 1]) for t in ts])
+        local = local_loss(logits, W, y, self.block_weight[[t - 1 for t in ts]])
+        ce = F.cross_entropy(self.head(z[self.T]), y)
+        kl = self.schedule.kl_prior(W[y])
+        return DTLosses(local.sum() + ce + kl, local, ce, kl)
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor, mean_chain: bool = False, runs: int = 1,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Label-free inference (paper Eq. 3): x [B, ...] -> class probabilities [B, m].
+
+        z_0 ~ N(0, I); z_t = a_t·û_t(z_{t-1}, x) + b_t·z_{t-1} + √c_t·ε; p = softmax(head(z_T)).
+        mean_chain drops the noise (√c_t = 0); runs > 1 averages the probabilities of several
+        stochastic chains (the paper averages 5). Never sees a label.
+        """
+        if runs < 1:
+            raise ValueError(f"runs must be >= 1, got {runs}")
+        W = self.embedding.weight
+        a, b, sqrt_c = self._abc
+        feats = self._block_features(x)
+        probs = torch.zeros(x.shape[0], self.num_classes, device=x.device)
+        for _ in range(runs):
+            z = torch.randn(x.shape[0], W.shape[1], device=x.device, generator=generator, dtype=W.dtype)
+            for t in range(1, self.T + 1):
+                logits = self._logits_from_features(t, x, feats[t - 1], z)
+                seed = new_seed(x.device, generator)
+                z = denoise_step(logits, W, z, a[t - 1], b[t - 1], 0.0 if mean_chain else sqrt_c[t - 1], seed)
+            probs += torch.softmax(self.head(z).float(), dim=-1)
+        return probs / runs
+
+    def predict(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Predicted classes [B] (argmax of `predict_proba`)."""
+        return self.predict_proba(x, **kwargs).argmax(dim=-1)
+
+    def _block_features(self, x):
+        # Blocks that split image features from the z path run their image branch once per image.
+        return [blk.features(x) if hasattr(blk, "features") else None for blk in self.blocks]
+
+    def _logits_from_features(self, t, x, feats, z):
+        if feats is None:
+            return self.block_logits(t, x, z)
+        return self.blocks[t - 1].from_features(feats, z)
