@@ -26,6 +26,7 @@ package_dir = {"noprop": "noprop", "noprop.kernels": "kernels"}
 CUDA_EXT_NAME = "noprop.kernels.cuda._C"
 CUDA_SOURCES = ["kernels/cuda/bindings.cpp", "kernels/cuda/noise_inject.cu", "kernels/cuda/local_loss.cu",
                 "kernels/cuda/denoise_step.cu"]
+CUDA_HEADERS = ["kernels/cuda/common.cuh", "kernels/cuda/philox.cuh", "kernels/cuda/ops.h"]
 
 
 def _say(msg: str) -> None:
@@ -84,6 +85,7 @@ def _cuda_build():
         CUDA_EXT_NAME,
         CUDA_SOURCES,
         include_dirs=[str(HERE / "kernels" / "cuda")],
+        depends=CUDA_HEADERS,  # setuptools rebuilds only when these or the sources change
         extra_compile_args={"cxx": flags, "nvcc": flags + ["-lineinfo"]},
         py_limited_api=True,
     )

@@ -280,6 +280,17 @@ def test_backend_cuda_routes_noprop_ops_to_the_extension(gpu):
                            torch.ops.noprop_cuda.local_loss(logits, W, y, weight))
 
 
+def test_auto_backend_sends_float64_to_eager_not_to_the_extension(gpu):
+    W = torch.randn(10, 20, device=gpu, dtype=torch.float64)
+    y = torch.randint(0, 10, (5,), device=gpu)
+    seed = torch.tensor([5], device=gpu, dtype=torch.long)
+    ones = torch.ones(2, device=gpu, dtype=torch.float64)
+    with dispatch.use_backend("auto"):
+        z = public_noise_inject(W, y, ones, ones, seed)
+    assert z.dtype == torch.float64
+    torch.testing.assert_close(z, eager.noise_inject(W, y, ones, ones, seed))
+
+
 def test_autograd_through_noprop_ops_on_cuda_backend(gpu):
     W = torch.randn(10, 20, device=gpu, requires_grad=True)
     logits = torch.randn(3, 17, 10, device=gpu, requires_grad=True)

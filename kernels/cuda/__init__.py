@@ -220,13 +220,19 @@ def build_info() -> dict:
     return info
 
 
+# dtypes these kernels refuse, with the reason (for noprop.dispatch's per-backend dtype table).
+UNSUPPORTED_DTYPES = {
+    torch.float64: "the CUDA extension computes in float32 (fp32/fp16/bf16 storage); float64 runs on the eager reference",
+}
+
+
 def unsupported_reason(*tensors) -> str | None:
     """None when these kernels take these tensors, else why not (dispatch can route to another backend)."""
     for t in tensors:
         if not isinstance(t, torch.Tensor):
             continue
-        if t.dtype == torch.float64:
-            return "the CUDA extension computes float32/float16/bfloat16 only; float64 runs on the eager backend"
+        if t.dtype in UNSUPPORTED_DTYPES:
+            return UNSUPPORTED_DTYPES[t.dtype]
         if t.device.type != "cuda":
             return f"the CUDA extension runs on CUDA tensors only, got a {t.device.type} tensor"
     return None
