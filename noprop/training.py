@@ -90,9 +90,10 @@ def build_model(cfg: TrainConfig, image_shape, num_classes: int, train: Dataset 
                                    None if train is None else train.images, None if train is None else train.labels)
     factory = dt_block_factory(image_shape, num_classes, embedding)
     if cfg.method == "dt":
-        return NoPropDT(factory, embedding, DTSchedule.cosine(cfg.T, cfg.max_alpha_bar), eta=cfg.eta)
+        return NoPropDT(factory, embedding, DTSchedule.cosine(cfg.T, cfg.max_alpha_bar), eta=cfg.eta,
+                        input_shape=image_shape)
     if cfg.method == "backprop":
-        return BackpropDT(factory, embedding, num_blocks=cfg.T)
+        return BackpropDT(factory, embedding, num_blocks=cfg.T, input_shape=image_shape)
     return CNNClassifier(image_shape, num_classes)
 
 

@@ -17,14 +17,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from noprop.embeddings import ClassEmbedding
+from noprop.models.inputs import check_images
 
 
 class BackpropDT(nn.Module):
     """blocks: T modules or a factory t -> module; forward(x) -> logits [B, m] of head(z_T)."""
 
     def __init__(self, blocks: Sequence[nn.Module] | Callable[[int], nn.Module], embedding: ClassEmbedding,
-                 num_blocks: int = 10, init_mix: float = 0.5):
+                 num_blocks: int = 10, init_mix: float = 0.5, input_shape: tuple[int, ...] | None = None):
         super().__init__()
+        self.input_shape = None if input_shape is None else tuple(input_shape)
         if callable(blocks) and not isinstance(blocks, nn.Module):
             blocks = [blocks(t) for t in range(1, num_blocks + 1)]
         self.blocks = nn.ModuleList(blocks)
@@ -39,6 +41,7 @@ class BackpropDT(nn.Module):
         return self.embedding.num_classes
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        check_images(x, self.input_shape)
         W = self.embedding.weight
         z = torch.randn(x.shape[0], W.shape[1], device=x.device, dtype=W.dtype, generator=generator)
         mix = torch.tanh(self.w)

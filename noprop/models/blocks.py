@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from noprop.models.inputs import check_images
+
 
 class ConvBranch(nn.Module):
     """conv32 → ReLU → pool → drop → conv64 → ReLU → drop → conv128 → ReLU → pool → drop →
@@ -98,10 +100,12 @@ class CNNClassifier(nn.Module):
 
     def __init__(self, image_shape, num_classes: int, width: int = 256):
         super().__init__()
+        self.input_shape = tuple(image_shape)
         self.image = ConvBranch(tuple(image_shape), width)
         self.out = nn.Sequential(nn.ReLU(), nn.Linear(width, num_classes))
 
     def forward(self, x):
+        check_images(x, self.input_shape)
         return self.out(self.image(x))
 
     def loss(self, x, y):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from noprop.embeddings import ClassEmbedding
+from noprop.models.inputs import check_images
 from noprop.ops import denoise_step, local_loss, new_seed, noise_inject
 from noprop.schedule import DTSchedule
 
@@ -32,11 +33,14 @@ class NoPropDT(nn.Module):
     """T blocks (each (x [B,...], z [B, d]) -> logits [B, m]), a head Linear(d, m) and W [m, d].
 
     blocks: a sequence of T modules, or a factory t -> module called for t = 1..T (`num_blocks`).
+    input_shape: the per-sample image shape, checked on every call when given.
     """
 
     def __init__(self, blocks: Sequence[nn.Module] | Callable[[int], nn.Module], embedding: ClassEmbedding,
-                 schedule: DTSchedule | None = None, num_blocks: int | None = None, eta: float = 0.1):
+                 schedule: DTSchedule | None = None, num_blocks: int | None = None, eta: float = 0.1,
+                 input_shape: tuple[int, ...] | None = None):
         super().__init__()
+        self.input_shape = None if input_shape is None else tuple(input_shape)
         if callable(blocks) and not isinstance(blocks, nn.Module):
             T = num_blocks if num_blocks is not None else (schedule.T if schedule else 10)
             blocks = [blocks(t) for t in range(1, T + 1)]
@@ -84,6 +88,7 @@ class NoPropDT(nn.Module):
         Each block's parameters get exactly the gradient of their own local term: z_{t-1} is
         sampled from the label, never from another block.
         """
+        check_images(x, self.input_shape)
         ts = list(range(1, self.T + 1)) if blocks is None else list(blocks)
         if not ts or any(not 1 <= t <= self.T for t in ts):
             raise ValueError(f"blocks to train must be a non-empty subset of 1..{self.T}, got {ts}")
@@ -109,6 +114,7 @@ class NoPropDT(nn.Module):
         """
         if runs < 1:
             raise ValueError(f"runs must be >= 1, got {runs}")
+        check_images(x, self.input_shape)
         W = self.embedding.weight
         a, b, sqrt_c = self._abc
         feats = self._block_features(x)

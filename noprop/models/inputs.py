@@ -1,0 +1,16 @@
+"""Input checks shared by the models: wrong image shapes get a message, not a conv error."""
+from __future__ import annotations
+
+import torch
+
+
+def check_images(x: torch.Tensor, input_shape: tuple[int, ...] | None) -> None:
+    """Raise ValueError unless x is a non-empty batch [B, *input_shape] (when the shape is known)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"images must be a tensor, got {type(x).__name__}")
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise ValueError("the batch is empty: images need shape [B, ...] with B >= 1")
+    if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
+        want = ", ".join(map(str, input_shape))
+        raise ValueError(f"this model expects images of shape [B, {want}] (channels, height, width), "
+                         f"got {list(x.shape)}")
