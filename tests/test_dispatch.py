@@ -9,6 +9,16 @@ from noprop import dispatch, ops
 from noprop.ops import eager
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    # The eager references are many small int64/float ops: on 2 shared cores, torch's intra-op
+    # threads mostly wait on each other (10-25x slower under load). Restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _loss_args(dtype=torch.float32):
     return (torch.randn(2, 3, 10, dtype=dtype), torch.randn(10, 4, dtype=dtype), torch.tensor([0, 3, 9]),
             torch.rand(2, dtype=dtype))

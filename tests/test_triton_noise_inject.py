@@ -6,7 +6,7 @@ float64) + floor. The floor: the kernel accumulates in float32 like eager but in
 (tiles, FMA, tl.dot), which may differ from eager by a few float32 ulps of the result's magnitude:
 1e-6 relative (~8 ulps at 2**-23). fp16/bf16 results are then rounded once more, and a float32
 value that differs from eager's near a rounding midpoint may round to the neighbouring value: one
-ulp of the output dtype at that magnitude.
+ulp of the output dtype at that magnitude (ulp(x) >= eps·|x|/2, hence eps/2 x scale).
 """
 import pytest
 import torch
@@ -15,12 +15,22 @@ import noprop.kernels.triton as T
 from noprop import dispatch, ops
 from noprop.ops.philox import philox_randn
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    # The eager references are many small int64/float ops: on 2 shared cores, torch's intra-op
+    # threads mostly wait on each other (10-25x slower under load). Restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 LOW = (torch.float16, torch.bfloat16)
 
 
 def _floor(dtype, scale):
-    return (1e-6 + (torch.finfo(dtype).eps if dtype in LOW else 0.0)) * scale
+    return (1e-6 + (torch.finfo(dtype).eps / 2 if dtype in LOW else 0.0)) * scale
 
 
 def _assert_rule(name, got, same, ref):
@@ -57,8 +67,8 @@ SHAPES = [  # (K, B, m, d)
     (10, 7, 100, 20),
     (10, 128, 10, 20),
     (4, 1000, 100, 10),
-    pytest.param((1, 1000, 10, 784), marks=pytest.mark.slow, id="large-1-1000-10-784"),
 ]
+LARGE = (1, 1000, 10, 784)  # the philox stream dominates interpreter time: one coefficient layout only
 
 
 def _check_against_reference(shape, dtype, per_sample):
@@ -76,8 +86,13 @@ def test_matches_float64_reference_fp32(shape, per_sample):
     _check_against_reference(shape, torch.float32, per_sample)
 
 
+@pytest.mark.slow
+def test_matches_float64_reference_fp32_large():
+    _check_against_reference(LARGE, torch.float32, per_sample=True)
+
+
 @pytest.mark.parametrize("per_sample", [False, True], ids=["coef[K]", "coef[K,B]"])
-@pytest.mark.parametrize("shape", [(10, 7, 100, 20), (3, 128, 10, 784)])
+@pytest.mark.parametrize("shape", [(10, 7, 100, 20), (2, 128, 10, 784)])
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_matches_float64_reference_low_precision(shape, dtype, per_sample):
     _check_against_reference(shape, dtype, per_sample)
