@@ -5,10 +5,14 @@ Update schedules for NoProp-DT:
   summed objective gives each θ_t exactly its own gradient (blocks share no parameters). The shared
   head and embedding then get one update per minibatch instead of Algorithm 1's T, so their
   learning rate is scaled by `shared_lr_scale` (default T), which closes that gap.
+- `parallel`: the same update as all-blocks (its name in the engine's vocabulary).
+- `chunked` / `lean`: the same update, with the blocks run k at a time (lean: k = 1) and each
+  chunk's backward done before the next chunk's forward, so peak memory holds one chunk's
+  activations instead of all T blocks'.
 - `sequential`: the paper's Algorithm 1 — per epoch, for t = 1..T, one pass over the data updating
   block t, the head and the embedding.
-Each block has its own AdamW, so a block that is not being trained is not stepped at all: no
-weight decay and no stale momentum reach it.
+In the sequential schedule each block has its own AdamW, so a block that is not being trained is
+not stepped at all: no weight decay and no stale momentum reach it (see `Optimizers`).
 """
 from __future__ import annotations
 
@@ -25,11 +29,20 @@ from tqdm.auto import tqdm
 from noprop import checkpoint as ckpt
 from noprop.data import Dataset, Split, batches, validate
 from noprop.embeddings import ClassEmbedding, make_embedding
-from noprop.models import BackpropDT, CNNClassifier, NoPropDT, dt_block_factory
+from noprop.models import BackpropDT, CNNClassifier, NoPropCT, NoPropDT, NoPropFM, ct_block, dt_block_factory
+from noprop.ops import new_seed
 from noprop.schedule import DTSchedule
 
-METHODS = ("dt", "backprop", "cnn")
-SCHEDULES = ("all-blocks", "sequential")
+METHODS = ("dt", "backprop", "cnn", "ct", "fm")
+CONTINUOUS = ("ct", "fm")  # one network û(z_t, x, t), per-sample t ~ U(0, 1) (models/continuous.py)
+# Per-method defaults of the TrainConfig fields left at None (NoProp-CT uses η = 1, paper §3).
+# CT/FM epochs: chosen so that a default run on MNIST-5k fits 15 min on a 2-core CPU (see
+# docs/continuous.md); eval_steps: inference steps of the per-epoch evaluation (the last epoch
+# and `noprop eval` use inference_steps, 1000 as in the paper).
+METHOD_DEFAULTS = {"dt": {"epochs": 12, "eta": 0.1, "eval_steps": None},
+                   "ct": {"epochs": 40, "eta": 1.0, "eval_steps": 100},
+                   "fm": {"epochs": 40, "eta": 1.0, "eval_steps": 100}}
+SCHEDULES = ("all-blocks", "parallel", "chunked", "lean", "sequential")
 
 
 @dataclass
@@ -39,15 +52,19 @@ class TrainConfig:
     embedding: str = "onehot"
     embed_dim: int = 20
     T: int = 10
-    eta: float = 0.1
+    eta: float | None = None  # None: per method (METHOD_DEFAULTS)
     max_alpha_bar: float = 0.999
-    epochs: int = 12
+    epochs: int | None = None  # None: per method (METHOD_DEFAULTS)
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 1e-3
-    shared_lr_scale: float | None = None  # None: T for all-blocks, 1 for sequential
+    chunk_size: int = 2  # blocks per chunk in the chunked mode
+    execution: str = "auto"  # how blocks run: loop, vmap (stacked) or auto (see noprop.engine)
+    shared_lr_scale: float | None = None  # None: T when every block trains on every minibatch, else 1
     eval_runs: int = 1
     mean_chain: bool = False
+    inference_steps: int = 1000  # CT/FM: time-grid / Euler steps of inference
+    eval_steps: int | None = None  # CT/FM: steps of the per-epoch evaluation (None: per method)
     seed: int = 0
     device: str = "cpu"
     data: str = "mnist5k"
@@ -57,9 +74,15 @@ class TrainConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name, default in {**METHOD_DEFAULTS["dt"], **METHOD_DEFAULTS.get(self.method, {})}.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+        for name in ("inference_steps",) + (("eval_steps",) if self.eval_steps is not None else ()):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        for name in ("T", "epochs", "batch_size", "eval_runs", "embed_dim"):
+        for name in ("T", "epochs", "batch_size", "eval_runs", "embed_dim", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "eta"):
@@ -75,7 +98,12 @@ class TrainConfig:
     def effective_shared_lr_scale(self) -> float:
         if self.shared_lr_scale is not None:
             return self.shared_lr_scale
-        return float(self.T) if self.method == "dt" and self.schedule == "all-blocks" else 1.0
+        return float(self.T) if self.method == "dt" and self.schedule != "sequential" else 1.0
+
+    @property
+    def chunk(self) -> int | None:
+        """Blocks per chunk within a minibatch (None: all at once)."""
+        return {"chunked": self.chunk_size, "lean": 1}.get(self.schedule)
 
 
 def build_model(cfg: TrainConfig, image_shape, num_classes: int, train: Dataset | None = None):
@@ -88,36 +116,55 @@ def build_model(cfg: TrainConfig, image_shape, num_classes: int, train: Dataset 
     else:
         embedding = make_embedding(cfg.embedding, num_classes, cfg.embed_dim,
                                    None if train is None else train.images, None if train is None else train.labels)
+    if cfg.method in CONTINUOUS:
+        net = ct_block(image_shape, num_classes, embedding)
+        if cfg.method == "ct":
+            return NoPropCT(net, embedding, eta=cfg.eta, input_shape=image_shape,
+                            inference_steps=cfg.inference_steps)
+        return NoPropFM(net, embedding, input_shape=image_shape, inference_steps=cfg.inference_steps)
     factory = dt_block_factory(image_shape, num_classes, embedding)
     if cfg.method == "dt":
         return NoPropDT(factory, embedding, DTSchedule.cosine(cfg.T, cfg.max_alpha_bar), eta=cfg.eta,
-                        input_shape=image_shape)
+                        input_shape=image_shape, execution=cfg.execution)
     if cfg.method == "backprop":
         return BackpropDT(factory, embedding, num_blocks=cfg.T, input_shape=image_shape)
     return CNNClassifier(image_shape, num_classes)
 
 
 class Optimizers:
-    """One AdamW per NoProp block plus one for the shared parameters (head, embedding); for the
-    backprop baselines a single AdamW over everything."""
+    """AdamW for NoProp-DT and the baselines.
+
+    Sequential (Algorithm 1): one AdamW per block plus one for the shared head and embedding, so
+    a block that is not being trained is not stepped at all (no weight decay, no stale momentum).
+    Every other mode updates every block on every minibatch: then one multi-tensor AdamW (fused on
+    CUDA) over all blocks does exactly the same per-parameter arithmetic in fewer launches.
+    Backprop baselines: a single AdamW over everything.
+    """
 
     def __init__(self, model, cfg: TrainConfig):
         kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
+        device = next(model.parameters()).device
+        fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        self.blocks = []
         if isinstance(model, NoPropDT):
-            self.blocks = [torch.optim.AdamW(b.parameters(), **kw) for b in model.blocks]
             shared = [p for n, p in model.named_parameters() if not n.startswith("blocks.")]
-            self.shared = torch.optim.AdamW(shared, lr=cfg.lr * cfg.effective_shared_lr_scale,
-                                            weight_decay=cfg.weight_decay)
+            shared_group = {"params": shared, "lr": cfg.lr * cfg.effective_shared_lr_scale}
+            if cfg.schedule == "sequential":
+                self.blocks = [torch.optim.AdamW(b.parameters(), **kw) for b in model.blocks]
+                self.shared = torch.optim.AdamW([shared_group], **kw)
+            else:
+                self.shared = torch.optim.AdamW([{"params": list(model.blocks.parameters())}, shared_group],
+                                                **kw, **fast)
         else:
-            self.blocks = []
-            self.shared = torch.optim.AdamW(model.parameters(), **kw)
+            self.shared = torch.optim.AdamW(model.parameters(), **kw, **fast)
 
     def zero_grad(self):
         for opt in self.all():
             opt.zero_grad(set_to_none=True)
 
     def step(self, blocks=None):
-        """Step the shared optimizer and those of `blocks` (1-based; None = all)."""
+        """Step the shared optimizer and, per-block optimizers present, those of `blocks` (1-based;
+        None = all)."""
         chosen = self.blocks if blocks is None else [self.blocks[t - 1] for t in blocks]
         for opt in chosen + [self.shared]:
             opt.step()
@@ -130,28 +177,46 @@ class Optimizers:
 
     def load_state_dict(self, states):
         if len(states) != len(self.all()):
-            raise ckpt.CheckpointError("checkpoint optimizer state does not match this model's blocks")
+            raise ckpt.CheckpointError("checkpoint optimizer state does not match this model and training mode")
         for opt, st in zip(self.all(), states):
             opt.load_state_dict(st)
 
 
-def train_step(model, opts: Optimizers, x, y, blocks=None) -> float:
-    """One update on minibatch (x, y); for NoProp-DT only `blocks` (1-based, None = all) move."""
-    opts.zero_grad()
-    if isinstance(model, NoPropDT):
-        loss = model.losses(x, y, blocks).total
-    else:
-        loss = model.loss(x, y)
+def _check_finite(loss: torch.Tensor) -> None:
     if not torch.isfinite(loss):
         raise FloatingPointError(f"the training loss became {loss.item()}: lower the learning rate or check inputs")
-    loss.backward()
+
+
+def train_step(model, opts: Optimizers, x, y, blocks=None, chunk_size: int | None = None) -> float:
+    """One update on minibatch (x, y); for NoProp-DT only `blocks` (1-based, None = all) move.
+
+    chunk_size k runs the blocks k at a time, each chunk's backward right after its forward, so only
+    one chunk's activations are alive at once; all chunks share the minibatch's noise (one seed) and
+    the gradients accumulate, so the update equals the all-at-once step.
+    """
+    opts.zero_grad()
+    if not isinstance(model, NoPropDT):
+        loss = model.loss(x, y)
+        _check_finite(loss)
+        loss.backward()
+        opts.step()
+        return loss.item()
+    ts = list(range(1, model.T + 1)) if blocks is None else list(blocks)
+    k = len(ts) if chunk_size is None else max(1, chunk_size)
+    seed = new_seed(x.device)
+    total = 0.0
+    for i in range(0, len(ts), k):
+        loss = model.losses(x, y, ts[i:i + k], seed=seed, include_shared=i == 0).total
+        _check_finite(loss)
+        loss.backward()
+        total += loss.item()
     opts.step(blocks)
-    return loss.item()
+    return total
 
 
 @torch.no_grad()
 def evaluate(model, ds: Dataset, device="cpu", batch_size: int = 500, runs: int = 1, mean_chain: bool = False,
-             seed: int = 0) -> float:
+             seed: int = 0, steps: int | None = None) -> float:
     """Test accuracy (fraction). Predictions come from images alone; labels are read only to score."""
     was_training = model.training
     model.eval()
@@ -159,8 +224,10 @@ def evaluate(model, ds: Dataset, device="cpu", batch_size: int = 500, runs: int 
     correct = 0
     for x, y in batches(ds, batch_size, shuffle=False):
         kwargs = {"runs": runs, "generator": g}
-        if isinstance(model, NoPropDT):
+        if isinstance(model, (NoPropDT, NoPropCT, NoPropFM)):
             kwargs["mean_chain"] = mean_chain
+        if isinstance(model, (NoPropCT, NoPropFM)):
+            kwargs["steps"] = steps  # None: the model's inference_steps
         pred = model.predict(x.to(device), **kwargs)
         correct += int((pred.cpu() == y).sum())
     model.train(was_training)
@@ -215,7 +282,7 @@ def fit(cfg: TrainConfig, split: Split, checkpoint_path=None, metrics_path=None,
         t0, total, count, seen = time.perf_counter(), 0.0, 0, 0
         for blocks in plan:
             for x, y in batches(split.train, cfg.batch_size, shuffle=True, generator=gen):
-                total += train_step(model, opts, x.to(device), y.to(device), blocks)
+                total += train_step(model, opts, x.to(device), y.to(device), blocks, cfg.chunk)
                 count += 1
                 seen += x.shape[0]
                 bar.update()
@@ -223,10 +290,15 @@ def fit(cfg: TrainConfig, split: Split, checkpoint_path=None, metrics_path=None,
         bar.close()
         train_time = time.perf_counter() - t0
         elapsed += train_time
-        acc = evaluate(model, split.test, device, runs=cfg.eval_runs, mean_chain=cfg.mean_chain, seed=cfg.seed)
+        # CT/FM: a cheaper chain (eval_steps) in between, the full one (inference_steps) at the end
+        steps = cfg.inference_steps if epoch == cfg.epochs or cfg.eval_steps is None else cfg.eval_steps
+        acc = evaluate(model, split.test, device, runs=cfg.eval_runs, mean_chain=cfg.mean_chain, seed=cfg.seed,
+                       steps=steps)
         record = {"epoch": epoch, "train_loss": total / count, "test_acc": acc, "samples_per_s": seen / train_time,
                   "peak_mem_mb": peak_memory_mb(device), "elapsed_s": elapsed, "method": cfg.method,
                   "schedule": cfg.schedule}
+        if cfg.method in CONTINUOUS:
+            record["eval_steps"] = steps
         history.append(record)
         log(f"epoch {epoch:3d}  loss {record['train_loss']:.4f}  test acc {acc:.4f}  "
             f"{record['samples_per_s']:.0f} samples/s  peak mem {record['peak_mem_mb']:.0f} MB  "

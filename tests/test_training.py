@@ -84,10 +84,34 @@ def test_sequential_schedule_leaves_idle_blocks_untouched():
 def test_all_blocks_shared_lr_is_scaled_by_T():
     model = tiny_dt()
     opts = Optimizers(model, TrainConfig(T=model.T))
-    assert opts.shared.param_groups[0]["lr"] == pytest.approx(1e-3 * model.T)
-    assert opts.blocks[0].param_groups[0]["lr"] == pytest.approx(1e-3)
+    blocks_group, shared_group = opts.shared.param_groups
+    assert shared_group["lr"] == pytest.approx(1e-3 * model.T) and blocks_group["lr"] == pytest.approx(1e-3)
+    assert len(blocks_group["params"]) == len(list(model.blocks.parameters()))
     seq = Optimizers(model, TrainConfig(T=model.T, schedule="sequential"))
     assert seq.shared.param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert seq.blocks[0].param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("schedule", ["chunked", "lean"])
+def test_chunked_and_lean_steps_equal_the_parallel_step(schedule):
+    """Running the blocks k at a time (backward per chunk) gives the same gradients and update."""
+    x, y = batch()
+    results = []
+    for mode in ("parallel", schedule):
+        torch.manual_seed(0)
+        model = tiny_dt(embedding="learned")
+        for mod in model.modules():  # identical dropout masks need identical RNG use: switch dropout off
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+        cfg = TrainConfig(T=model.T, schedule=mode, chunk_size=3)
+        opts = Optimizers(model, cfg)
+        torch.manual_seed(7)
+        loss = train_step(model, opts, x, y, chunk_size=cfg.chunk)
+        results.append((loss, copy.deepcopy(model.state_dict())))
+    (l1, s1), (l2, s2) = results
+    assert l1 == pytest.approx(l2, rel=1e-5)
+    for k in s1:
+        torch.testing.assert_close(s1[k], s2[k], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method,schedule", [("dt", "all-blocks"), ("dt", "sequential"), ("cnn", "all-blocks")])

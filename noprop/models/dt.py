@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from noprop import engine
 from noprop.embeddings import ClassEmbedding
 from noprop.models.inputs import check_images
 from noprop.ops import denoise_step, local_loss, new_seed, noise_inject
@@ -34,13 +35,18 @@ class NoPropDT(nn.Module):
 
     blocks: a sequence of T modules, or a factory t -> module called for t = 1..T (`num_blocks`).
     input_shape: the per-sample image shape, checked on every call when given.
+    execution: how the trained blocks run — 'loop' (one by one), 'vmap' (stacked, see
+    noprop.engine) or 'auto' (the faster one on the device).
     """
 
     def __init__(self, blocks: Sequence[nn.Module] | Callable[[int], nn.Module], embedding: ClassEmbedding,
                  schedule: DTSchedule | None = None, num_blocks: int | None = None, eta: float = 0.1,
-                 input_shape: tuple[int, ...] | None = None):
+                 input_shape: tuple[int, ...] | None = None, execution: str = "auto"):
         super().__init__()
         self.input_shape = None if input_shape is None else tuple(input_shape)
+        if execution not in engine.EXECUTIONS:
+            raise ValueError(f"execution must be one of {engine.EXECUTIONS}, got {execution!r}")
+        self.execution = execution
         if callable(blocks) and not isinstance(blocks, nn.Module):
             T = num_blocks if num_blocks is not None else (schedule.T if schedule else 10)
             blocks = [blocks(t) for t in range(1, T + 1)]
@@ -81,12 +87,15 @@ class NoPropDT(nn.Module):
                              f"[B, m] = [{x.shape[0]}, {self.num_classes}], got {got}")
         return out
 
-    def losses(self, x: torch.Tensor, y: torch.Tensor, blocks: Sequence[int] | None = None) -> DTLosses:
+    def losses(self, x: torch.Tensor, y: torch.Tensor, blocks: Sequence[int] | None = None,
+               seed: torch.Tensor | None = None, include_shared: bool = True) -> DTLosses:
         """DT objective on one minibatch for the blocks in `blocks` (1-based; default all).
 
         total = Σ_{t in blocks} (T/2)·η·ΔSNR(t)·‖û_t(z_{t-1}, x) − u_y‖² + CE(head(z_T), y) + KL.
         Each block's parameters get exactly the gradient of their own local term: z_{t-1} is
-        sampled from the label, never from another block.
+        sampled from the label, never from another block. `seed` fixes the noise (chunked training
+        reuses one seed for every chunk of a minibatch); include_shared=False leaves CE and KL out
+        of `total` (they are then computed once per minibatch by the caller's first chunk).
         """
         check_images(x, self.input_shape)
         ts = list(range(1, self.T + 1)) if blocks is None else list(blocks)
@@ -96,12 +105,26 @@ class NoPropDT(nn.Module):
         # One launch samples z_0..z_T for the whole minibatch: block t reads z_{t-1}, the head z_T.
         # Sampling all of them (not just the trained blocks') keeps each block's noise the same
         # whichever subset is trained, so a subset's loss is exactly its share of the full loss.
-        z = noise_inject(W, y, self.sqrt_alpha_bar, self.sqrt_one_minus_alpha_bar, new_seed(W.device))
-        logits = torch.stack([self.block_logits(t, x, z[t - 1]) for t in ts])
+        seed = new_seed(W.device) if seed is None else seed
+        z = noise_inject(W, y, self.sqrt_alpha_bar, self.sqrt_one_minus_alpha_bar, seed)
+        logits = self.run_blocks(ts, x, z)
         local = local_loss(logits, W, y, self.block_weight[[t - 1 for t in ts]])
         ce = F.cross_entropy(self.head(z[self.T]), y)
         kl = self.schedule.kl_prior(W[y])
-        return DTLosses(local.sum() + ce + kl, local, ce, kl)
+        total = local.sum() + ce + kl if include_shared else local.sum()
+        return DTLosses(total, local, ce, kl)
+
+    def run_blocks(self, ts: Sequence[int], x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Logits [len(ts), B, m] of blocks ts (1-based) on their inputs z[t - 1] (z: [T+1, B, d])."""
+        chosen = [self.blocks[t - 1] for t in ts]
+        if engine.resolve(self.execution, chosen, x.device) == "vmap":
+            idx = torch.tensor([t - 1 for t in ts], device=z.device)
+            logits = engine.run_stacked(chosen, x, z[idx])
+            if logits.shape[1:] != (x.shape[0], self.num_classes):
+                raise ValueError(f"blocks must return logits of shape [B, m] = [{x.shape[0]}, {self.num_classes}], "
+                                 f"got {list(logits.shape[1:])}")
+            return logits
+        return torch.stack([self.block_logits(t, x, z[t - 1]) for t in ts])
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor, mean_chain: bool = False, runs: int = 1,

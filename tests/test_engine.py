@@ -1,0 +1,66 @@
+import pytest
+import torch
+from torch import nn
+
+from noprop import engine
+from noprop.embeddings import make_embedding
+from noprop.models import NoPropDT, dt_block_factory
+from noprop.schedule import DTSchedule
+from tests.helpers import TinyBlock, batch
+
+
+def no_dropout(model):
+    for mod in model.modules():
+        if isinstance(mod, nn.Dropout):
+            mod.p = 0.0
+    return model
+
+
+def dt_model(execution, factory="dt"):
+    torch.manual_seed(0)
+    emb = make_embedding("learned", 5, dim=8)
+    if factory == "dt":
+        blocks = dt_block_factory((1, 16, 16), 5, emb)
+    else:
+        blocks = lambda t: TinyBlock(256, 8, 5)  # noqa: E731  a user block
+    return no_dropout(NoPropDT(blocks, emb, DTSchedule.cosine(3), execution=execution))
+
+
+@pytest.mark.parametrize("factory", ["dt", "user"])
+@pytest.mark.parametrize("train", [True, False])
+def test_stacked_losses_and_gradients_equal_per_block(factory, train):
+    x, y = batch(B=12, m=5, image_shape=(1, 16, 16))
+    outs = []
+    for execution in ("loop", "vmap"):
+        model = dt_model(execution, factory).train(train)
+        torch.manual_seed(3)
+        out = model.losses(x, y)
+        out.total.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        outs.append((out.local.detach(), grads, {n: b.clone() for n, b in model.named_buffers()}))
+    (l1, g1, b1), (l2, g2, b2) = outs
+    torch.testing.assert_close(l1, l2, rtol=1e-4, atol=1e-6)
+    assert g1.keys() == g2.keys()
+    # float32 sums run in a different order: compare each gradient relative to its block's largest
+    # gradient (a bias feeding BatchNorm has an exactly-zero gradient, so only rounding noise)
+    block_scale = {}
+    for n, g in g1.items():
+        key = n.split(".")[1] if n.startswith("blocks.") else n
+        block_scale[key] = max(block_scale.get(key, 0.0), g.abs().max().item())
+    for n in g1:
+        key = n.split(".")[1] if n.startswith("blocks.") else n
+        assert (g1[n] - g2[n]).abs().max().item() <= 1e-4 * block_scale[key] + 1e-8, n
+    for n in b1:  # BatchNorm running statistics are written back from the stacked call
+        torch.testing.assert_close(b1[n], b2[n], rtol=1e-4, atol=1e-6)
+
+
+def test_auto_execution_is_per_device_and_explicit_vmap_checks_structure():
+    blocks = [TinyBlock(16, 4, 3), TinyBlock(16, 4, 3)]
+    assert engine.resolve("auto", blocks, torch.device("cpu")) == "loop"
+    assert engine.resolve("auto", blocks, torch.device("cuda")) == "vmap"
+    mixed = [TinyBlock(16, 4, 3), TinyBlock(16, 4, 3, width=8)]
+    assert "block 2 differs" in engine.why_not_stackable(mixed)
+    with pytest.raises(ValueError, match="cannot stack"):
+        engine.resolve("vmap", mixed, torch.device("cpu"))
+    with pytest.raises(ValueError, match="execution must be one of"):
+        engine.resolve("fast", blocks, torch.device("cpu"))
