@@ -111,7 +111,7 @@ def _local_loss_bwd_dW(gl_ptr, logits_ptr, W_ptr, y_ptr, w_ptr, part_ptr,
     # Program (d-tile, split): part[split, :, tile] = Σ over its CHUNKS (k, row block) pairs of
     # (p − onehot(y))ᵀ · (coef · r)   — dW = Σ_kb p⊗gr − scatter_y(gr), one matmul, no atomics.
     pid_d = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(1)  # the (k, row block) loop runs in int32: K·NB is small; offsets below are int64
     d0 = pid_d * BLOCK_D
     cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
     cls = tl.arange(0, BLOCK_M).to(tl.int64)
