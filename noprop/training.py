@@ -31,6 +31,7 @@ from noprop.data import Dataset, Split, batches, validate
 from noprop.embeddings import ClassEmbedding, make_embedding
 from noprop.models import BackpropDT, CNNClassifier, NoPropCT, NoPropDT, NoPropFM, ct_block, dt_block_factory
 from noprop.ops import new_seed
+from noprop.profile import stage
 from noprop.schedule import DTSchedule
 
 METHODS = ("dt", "backprop", "cnn", "ct", "fm")
@@ -196,10 +197,13 @@ def train_step(model, opts: Optimizers, x, y, blocks=None, chunk_size: int | Non
     """
     opts.zero_grad()
     if not isinstance(model, NoPropDT):
-        loss = model.loss(x, y)
+        with stage("noprop.block_forward"):  # a baseline's whole forward and loss
+            loss = model.loss(x, y)
         _check_finite(loss)
-        loss.backward()
-        opts.step()
+        with stage("noprop.backward"):
+            loss.backward()
+        with stage("noprop.optimizer"):
+            opts.step()
         return loss.item()
     ts = list(range(1, model.T + 1)) if blocks is None else list(blocks)
     k = len(ts) if chunk_size is None else max(1, chunk_size)
@@ -208,9 +212,11 @@ def train_step(model, opts: Optimizers, x, y, blocks=None, chunk_size: int | Non
     for i in range(0, len(ts), k):
         loss = model.losses(x, y, ts[i:i + k], seed=seed, include_shared=i == 0).total
         _check_finite(loss)
-        loss.backward()
+        with stage("noprop.backward"):
+            loss.backward()
         total += loss.item()
-    opts.step(blocks)
+    with stage("noprop.optimizer"):
+        opts.step(blocks)
     return total
 
 

@@ -17,6 +17,7 @@ from noprop import engine
 from noprop.embeddings import ClassEmbedding
 from noprop.models.inputs import check_images
 from noprop.ops import denoise_step, local_loss, new_seed, noise_inject
+from noprop.profile import stage
 from noprop.schedule import DTSchedule
 
 
@@ -106,11 +107,14 @@ class NoPropDT(nn.Module):
         # Sampling all of them (not just the trained blocks') keeps each block's noise the same
         # whichever subset is trained, so a subset's loss is exactly its share of the full loss.
         seed = new_seed(W.device) if seed is None else seed
-        z = noise_inject(W, y, self.sqrt_alpha_bar, self.sqrt_one_minus_alpha_bar, seed)
-        logits = self.run_blocks(ts, x, z)
-        local = local_loss(logits, W, y, self.block_weight[[t - 1 for t in ts]])
-        ce = F.cross_entropy(self.head(z[self.T]), y)
-        kl = self.schedule.kl_prior(W[y])
+        with stage("noprop.noise"):
+            z = noise_inject(W, y, self.sqrt_alpha_bar, self.sqrt_one_minus_alpha_bar, seed)
+        with stage("noprop.block_forward"):
+            logits = self.run_blocks(ts, x, z)
+        with stage("noprop.local_loss"):
+            local = local_loss(logits, W, y, self.block_weight[[t - 1 for t in ts]])
+            ce = F.cross_entropy(self.head(z[self.T]), y)
+            kl = self.schedule.kl_prior(W[y])
         total = local.sum() + ce + kl if include_shared else local.sum()
         return DTLosses(total, local, ce, kl)
 
