@@ -247,3 +247,20 @@ def batches(ds: Dataset, batch_size: int, shuffle: bool, generator: torch.Genera
     for i in range(0, stop, batch_size):
         idx = order[i:i + batch_size]
         yield ds.images[idx], ds.labels[idx]
+
+
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Translate each image [B, C, H, W] by up to ±max_shift pixels in x and y; uncovered pixels take
+    the batch's smallest value (the background of normalised digit images)."""
+    if max_shift <= 0:
+        return x
+    B, _, H, W = x.shape
+    s = max_shift
+    padded = torch.nn.functional.pad(x, (s, s, s, s), value=float(x.min()))
+    dy = torch.randint(0, 2 * s + 1, (B,), generator=generator)
+    dx = torch.randint(0, 2 * s + 1, (B,), generator=generator)
+    rows = (dy[:, None] + torch.arange(H)[None]).to(x.device)  # [B, H]
+    cols = (dx[:, None] + torch.arange(W)[None]).to(x.device)  # [B, W]
+    b = torch.arange(B, device=x.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]]  # [B, H, W, C]
+    return out.permute(0, 3, 1, 2).contiguous()
