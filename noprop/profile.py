@@ -53,8 +53,116 @@ def _both(name: str):
 
 def stage(name: str):
     """Context manager marking one NoProp stage (see the module docstring)."""
+    if torch.compiler.is_compiling():  # under torch.compile the compiled graph is what gets profiled
+        return contextlib.nullcontext()
     if _nvtx and torch.version.cuda is not None:
         return _both(name)
     if _profiler_on():
         return torch.profiler.record_function(name)
     return contextlib.nullcontext()
+
+
+# ---- noprop profile ------------------------------------------------------------------------------
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=("dt", "backprop", "cnn"), default="dt", help="what to train")
+    p.add_argument("--mode", default="parallel", choices=("parallel", "chunked", "lean", "sequential"),
+                   help="NoProp-DT training mode (sequential: one step = T single-block updates)")
+    p.add_argument("--execution", choices=("auto", "loop", "vmap"), default="auto", help="how DT blocks run")
+    p.add_argument("--steps", type=int, default=3, help="profiled training steps")
+    p.add_argument("--warmup", type=int, default=1, help="unprofiled steps first")
+    p.add_argument("--batch", type=int, default=128, help="minibatch size")
+    p.add_argument("-T", "--blocks", dest="T", type=int, default=10, help="number of DT blocks")
+    p.add_argument("--chunk-size", type=int, default=2, help="blocks per chunk in the chunked mode")
+    p.add_argument("--data", default="synthetic", help="data source (default: synthetic MNIST-shaped)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on CPU, torch's default on CUDA)")
+    p.add_argument("--out", default="runs/profile", help="directory for trace.json and table.txt")
+    p.add_argument("--nvtx", action="store_true", help="also emit NVTX ranges for the stages (for Nsight)")
+    p.add_argument("--row-limit", type=int, default=25, help="rows of the per-op table")
+
+
+def _stage_table(events) -> str:
+    rows = [e for e in events if e.key in STAGES]
+    cuda = any(getattr(e, "device_time_total", 0) for e in rows)
+    lines = [f"{'stage':<24}{'calls':>7}{'CPU total ms':>14}" + (f"{'CUDA total ms':>15}" if cuda else "")]
+    for e in sorted(rows, key=lambda e: STAGES.index(e.key)):
+        line = f"{e.key:<24}{e.count:>7}{e.cpu_time_total / 1e3:>14.2f}"
+        if cuda:
+            line += f"{e.device_time_total / 1e3:>15.2f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main_args(args) -> int:
+    from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
+
+    from noprop.bench import Case, _minibatches, _sync
+    from noprop.models import NoPropDT
+    from noprop.training import Optimizers, TrainConfig, build_model, train_step
+
+    if args.steps < 1:
+        raise ValueError(f"steps must be >= 1, got {args.steps}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device visible to torch")
+    torch.set_num_threads(args.threads or (1 if device.type == "cpu" else torch.get_num_threads()))
+    enable_nvtx(args.nvtx)
+    case = Case(args.method, args.mode if args.method == "dt" else "end-to-end", args.execution)
+    torch.manual_seed(0)
+    split, mbs = _minibatches(args.data, args.batch, device)
+    cfg = TrainConfig(method=args.method, schedule=args.mode if args.method == "dt" else "all-blocks", T=args.T,
+                      batch_size=args.batch, chunk_size=args.chunk_size, execution=args.execution, device=str(device))
+    model = build_model(cfg, split.image_shape, split.num_classes, split.train).to(device)
+    opts = Optimizers(model, cfg)
+    model.train()
+    is_dt = isinstance(model, NoPropDT)
+    i = 0
+
+    def step():
+        nonlocal i
+        with record_function("noprop.step"):
+            plan = [[t] for t in range(1, model.T + 1)] if is_dt and args.mode == "sequential" else [None]
+            for blocks in plan:
+                x, y = mbs[i % len(mbs)]
+                i += 1
+                train_step(model, opts, x, y, blocks, cfg.chunk if is_dt and blocks is None else None)
+
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with torch_profile(activities=activities, profile_memory=True, record_shapes=True) as prof:
+        for _ in range(args.steps):
+            step()
+        _sync(device)
+    wall = time.perf_counter() - t0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    trace = out / "trace.json"
+    prof.export_chrome_trace(str(trace))
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    op_table = events.table(sort_by=sort, row_limit=args.row_limit)
+    stages = _stage_table(events)
+    head = (f"noprop profile: {case.label} | device {device} | batch {args.batch} | T {args.T} | "
+            f"{args.steps} steps in {wall:.2f} s under the profiler | torch {torch.__version__}")
+    (out / "table.txt").write_text(f"{head}\n\n{stages}\n\n{op_table}\n")
+    print(head)
+    print("\nper op (sorted by " + sort + "):")
+    print(op_table)
+    print("NoProp stages:")
+    print(stages)
+    print(f"\nwrote {trace} (chrome://tracing or https://ui.perfetto.dev) and {out / 'table.txt'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="noprop profile", description=__doc__.split("\n\n")[0])
+    add_args(p)
+    return main_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
