@@ -91,3 +91,29 @@ def test_user_block_errors_name_the_block():
         NoPropDT([WrongShape(), NoParams()], emb)
     with pytest.raises(ValueError, match="schedule has T = 10 steps but 2 blocks"):
         NoPropDT([WrongShape(), WrongShape()], emb, DTSchedule.cosine(10))
+
+
+class Leaky(nn.Module):
+    """A block that (wrongly) reads another block's output."""
+
+    def __init__(self, other=None):
+        super().__init__()
+        self.lin = nn.Linear(4 + 10, 10)
+        self.other = [other]  # hidden from .parameters(): only the gradient check can see it
+
+    def forward(self, x, z):
+        if self.other[0] is not None:
+            z = z + torch.softmax(self.other[0](x, z), -1)
+        return self.lin(torch.cat([x.flatten(1), z], 1))
+
+
+def test_blocks_that_share_parameters_or_read_each_other_are_rejected():
+    emb = make_embedding("onehot", 10)
+    shared = WrongShape()
+    with pytest.raises(ValueError, match=r"block 2 \(WrongShape\) shares parameters with block 1"):
+        NoPropDT([shared, shared], emb)
+    first = Leaky()
+    model = NoPropDT([first, Leaky(first)], emb)
+    with pytest.raises(ValueError, match=r"block 2 \(Leaky\)'s loss reaches the parameters of block\(s\) \[1\]"):
+        model.check_locality(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+    NoPropDT([Leaky(), Leaky()], emb).check_locality(torch.randn(3, 4), torch.tensor([0, 1, 2]))

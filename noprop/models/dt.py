@@ -58,9 +58,15 @@ class NoPropDT(nn.Module):
         self.schedule = schedule if schedule is not None else DTSchedule.cosine(T)
         if self.schedule.T != T:
             raise ValueError(f"the schedule has T = {self.schedule.T} steps but {T} blocks were given")
+        owner = {}
         for t, block in enumerate(self.blocks, 1):
             if not any(True for _ in block.parameters()):
                 raise ValueError(f"block {t} ({type(block).__name__}) has no parameters: nothing for it to learn")
+            for p in block.parameters():
+                if id(p) in owner and owner[id(p)] != t:
+                    raise ValueError(f"block {t} ({type(block).__name__}) shares parameters with block {owner[id(p)]}: "
+                                     "NoProp blocks must be independent (give each t a fresh module)")
+                owner[id(p)] = t
         self.embedding = embedding
         self.head = nn.Linear(embedding.dim, embedding.num_classes)
         self.eta = eta
@@ -129,6 +135,20 @@ class NoPropDT(nn.Module):
                                  f"got {list(logits.shape[1:])}")
             return logits
         return torch.stack([self.block_logits(t, x, z[t - 1]) for t in ts])
+
+    def check_locality(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Raise ValueError if any block's local loss reaches another block's parameters (a block
+        that reads another block's output or state). Costs one forward and T backwards."""
+        out = self.losses(x, y)
+        params = [list(b.parameters()) for b in self.blocks]
+        for t in range(1, self.T + 1):
+            others = [(s, p) for s in range(1, self.T + 1) if s != t for p in params[s - 1]]
+            grads = torch.autograd.grad(out.local[t - 1], [p for _, p in others], retain_graph=True,
+                                        allow_unused=True)
+            leaks = sorted({s for (s, _), g in zip(others, grads) if g is not None and bool(g.ne(0).any())})
+            if leaks:
+                raise ValueError(f"block {t} ({type(self.blocks[t - 1]).__name__})'s loss reaches the parameters of "
+                                 f"block(s) {leaks}: a NoProp block must not read another block's output")
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor, mean_chain: bool = False, runs: int = 1,
