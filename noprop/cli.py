@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the inference noise")
 
     sub.add_parser("info", help="which op backends can run here, and why not")
+
+    from noprop import bench, profile
+    p = sub.add_parser("bench", help="training throughput and peak memory: NoProp-DT modes vs backprop",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bench.add_args(p)
+    p = sub.add_parser("profile", help="torch.profiler trace and per-op table of a few training steps",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    profile.add_args(p)
     return parser
 
 
@@ -106,7 +114,19 @@ def _info(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "eval": _eval, "info": _info}
+def _bench(args) -> int:
+    from noprop import bench
+
+    return bench.main_args(args)
+
+
+def _profile(args) -> int:
+    from noprop import profile
+
+    return profile.main_args(args)
+
+
+COMMANDS = {"train": _train, "eval": _eval, "info": _info, "bench": _bench, "profile": _profile}
 
 
 def main(argv=None) -> int:

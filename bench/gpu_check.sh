@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# THE one command for a GPU machine: build, test, benchmark, profile, plot; results in OUTDIR.
+#
+#   bench/gpu_check.sh [--dry-run] [OUTDIR]      (default OUTDIR: bench/results/<device-name-slug>/)
+#
+# Runs from the source tree (PYTHONPATH=repo root) and installs nothing. Every step runs under
+# `timeout`, against a global deadline (GPU_CHECK_BUDGET seconds, default 450, plus a short reserve
+# for plots and the summary), so the whole script ends in under 8 minutes even if a step hangs. A
+# failing step is recorded and the script goes on; the summary table at the end lists every step.
+# Without a CUDA device (or with --dry-run) it runs the CPU fallback: GPU-only steps are skipped
+# with a message, the rest run tiny (noprop bench --quick, a one-step profile) so the script itself
+# is tested end to end. Exit status: 0 if no step failed or timed out, else 1.
+#
+# Env: PYTHON (default python), GPU_CHECK_BUDGET (s), BENCH_REPEATS (default 3), MAX_JOBS /
+# TORCH_CUDA_ARCH_LIST for the extension build (default 8 / "9.0": H100/H200 only, to keep it fast).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON=${PYTHON:-python}
+BUDGET=${GPU_CHECK_BUDGET:-450}      # seconds for the main steps
+RESERVE=25                           # extra seconds kept for plots + summary
+REPEATS=${BENCH_REPEATS:-3}
+unset TRITON_INTERPRET               # real kernels on the GPU (pytest gets TRITON_INTERPRET=0)
+
+DRY=0
+OUT=""
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run|--cpu) DRY=1 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -*) echo "gpu_check: unknown option $arg" >&2; exit 2 ;;
+    *) OUT=$arg ;;
+  esac
+done
+
+START=$(date +%s)
+now() { echo $(( $(date +%s) - START )); }
+say() { echo "[gpu_check $(printf '%3d' "$(now)")s] $*"; }
+
+if [[ $DRY == 0 ]] && ! timeout 60 "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  say "no CUDA device visible to torch: running the CPU dry run (GPU-only steps are skipped)"
+  DRY=1
+fi
+if [[ $DRY == 0 ]]; then
+  NAME=$(timeout 60 "$PYTHON" -c 'import torch; print(torch.cuda.get_device_name(0))' 2>/dev/null || echo unknown-gpu)
+else
+  NAME="cpu-dryrun-$(uname -m)"
+fi
+SLUG=$(echo "$NAME" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g')
+OUT=${OUT:-bench/results/$SLUG}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+SUMMARY="$OUT/steps.tsv"
+printf 'step\tstatus\tseconds\tnote\n' > "$SUMMARY"
+say "device: $NAME | output: $OUT | budget ${BUDGET}s (+${RESERVE}s reserve)"
+
+FAILED=0
+# step NAME LIMIT_S [--final] CMD...: run CMD (output in OUT/NAME.log) under min(LIMIT, time left).
+step() {
+  local name=$1 limit=$2; shift 2
+  local deadline=$BUDGET
+  if [[ ${1:-} == --final ]]; then deadline=$((BUDGET + RESERVE)); shift; fi
+  local left=$((deadline - $(now) - 3))
+  if (( left < 5 )); then
+    printf '%s\tSKIPPED\t0\tno time left in the budget\n' "$name" >> "$SUMMARY"
+    say "$name: SKIPPED (no time left)"; FAILED=1; return 0
+  fi
+  (( limit > left )) && limit=$left
+  say "$name: running (limit ${limit}s)"
+  local t0 rc status
+  t0=$(date +%s)
+  timeout -k 5 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  case $rc in
+    0) status=ok ;;
+    124|137) status=TIMEOUT; FAILED=1 ;;
+    *) status="FAILED(rc=$rc)"; FAILED=1 ;;
+  esac
+  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - t0 ))" "$OUT/$name.log" >> "$SUMMARY"
+  say "$name: $status in $(( $(date +%s) - t0 ))s"
+  if [[ $status != ok ]]; then tail -n 8 "$OUT/$name.log" | sed 's/^/    | /'; fi
+  return 0
+}
+skip() {  # skip NAME REASON
+  printf '%s\tskipped\t0\t%s\n' "$1" "$2" >> "$SUMMARY"
+  say "$1: skipped ($2)"
+}
+
+NOPROP=("$PYTHON" -m noprop)
+
+# 1. the machine and the toolchain ---------------------------------------------------------------
+if command -v nvidia-smi >/dev/null; then
+  step nvidia-smi 20 bash -c 'nvidia-smi; echo; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit --format=csv'
+else
+  skip nvidia-smi "nvidia-smi not found"
+fi
+step env 30 bash -c "$PYTHON -VV; $PYTHON -c 'import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version())'; $PYTHON -c 'import triton; print(\"triton\", triton.__version__)' || true; (command -v nvcc && nvcc --version) || echo 'nvcc: not on PATH'; nproc; free -g; git -C '$ROOT' log -1 --oneline; git -C '$ROOT' status --short | head -20"
+step info-before-build 60 "${NOPROP[@]}" info
+
+# 2. the CUDA extension and the GPU tests --------------------------------------------------------
+if [[ $DRY == 0 ]]; then
+  step build-cuda-ext 200 env MAX_JOBS="${MAX_JOBS:-8}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" PYTHON="$PYTHON" bash bench/build_cuda_ext.sh
+  step info 60 "${NOPROP[@]}" info
+  # Kernel tests: every op x backend vs the float64 reference, on the GPU. --maxfail instead of -x:
+  # one rare GPU run should show every broken case, not only the first.
+  step tests-gpu 150 env TRITON_INTERPRET=0 NOPROP_BACKEND=auto "$PYTHON" -m pytest -q --maxfail=10 -p no:cacheprovider \
+    tests/test_cuda_ext.py tests/test_triton_noise_inject.py tests/test_triton_local_loss.py \
+    tests/test_triton_denoise_step.py tests/test_dispatch.py tests/test_engine.py tests/test_info.py
+else
+  skip build-cuda-ext "GPU-only (dry run)"
+  skip tests-gpu "GPU-only (dry run): CPU tests run with python -m pytest tests"
+fi
+
+# 3. benchmarks ----------------------------------------------------------------------------------
+if [[ $DRY == 0 ]]; then
+  step bench-b128 150 "${NOPROP[@]}" bench --device cuda --batch 128 --execution both --repeats "$REPEATS" \
+    --json "$OUT/bench_b128.json" --csv "$OUT/bench_b128.csv"
+  step bench-ops 90 "$PYTHON" bench/bench_ops.py "$OUT/ops_fp32"
+  step bench-b1024 120 "${NOPROP[@]}" bench --device cuda --batch 1024 --execution both --repeats "$REPEATS" \
+    --json "$OUT/bench_b1024.json" --csv "$OUT/bench_b1024.csv"
+  # The same DT step with each op backend (end-to-end effect of the fused kernels).
+  step bench-backends 100 bash -c "for b in eager triton cuda; do echo \"== NOPROP_BACKEND=\$b\"; NOPROP_BACKEND=\$b ${NOPROP[*]} bench --device cuda --batch 1024 --methods dt,backprop --modes parallel,lean --repeats $REPEATS --json '$OUT/bench_backend_'\$b.json || echo \"backend \$b failed\"; done"
+  step bench-ops-bf16 60 "$PYTHON" bench/bench_ops.py "$OUT/ops_bf16" --dtype bfloat16
+  step profile 60 "${NOPROP[@]}" profile --device cuda --steps 3 --nvtx --out "$OUT/profile"
+else
+  step bench-b128 120 "${NOPROP[@]}" bench --quick --device cpu --execution both \
+    --json "$OUT/bench_b128.json" --csv "$OUT/bench_b128.csv"
+  step bench-ops 60 "$PYTHON" bench/bench_ops.py "$OUT/ops_fp32" --allow-cpu
+  skip bench-b1024 "GPU-only (dry run)"
+  skip bench-backends "GPU-only (dry run): only eager runs CPU tensors"
+  step profile 60 "${NOPROP[@]}" profile --device cpu --steps 1 -T 3 --batch 16 --out "$OUT/profile"
+fi
+
+# 4. plots and the summary -----------------------------------------------------------------------
+shopt -s nullglob
+jsons=("$OUT"/bench_b*.json "$OUT"/bench_backend_*.json)
+if (( ${#jsons[@]} )); then
+  step plots 40 --final "$PYTHON" bench/plots.py "${jsons[@]}" --out "$OUT"
+else
+  skip plots "no bench JSON was written"
+fi
+step summary 20 --final "$PYTHON" - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+for path in sorted(out.glob("bench_*.json")):
+    try:
+        recs = json.loads(path.read_text())
+    except Exception as exc:
+        print(f"{path.name}: unreadable ({exc})"); continue
+    r0 = recs[0] if recs else {}
+    print(f"\n{path.name}: {r0.get('device_name')} batch {r0.get('batch')} T {r0.get('T')} backend {r0.get('backend')}")
+    print(f"  {'config':<22}{'ms/step':>9}{'samples/s':>11}{'x bp':>7}{'peak MB':>9}{'saved MB':>9}")
+    for r in recs:
+        if not r.get("ms_per_step"):
+            print(f"  {r.get('label', r.get('method')):<22} error: {r.get('error')}"); continue
+        ratio = f"{r['ratio_to_backprop']:.2f}" if r.get("ratio_to_backprop") else "-"
+        print(f"  {r['label']:<22}{r['ms_per_step']:>9.2f}{r['samples_per_s']:>11.0f}{ratio:>7}"
+              f"{r['peak_mem_mb']:>9.0f}{(r.get('saved_mb') or 0):>9.1f}")
+ops = out / "ops_fp32" / "bench_ops.json"
+if ops.exists():
+    rows = [r for r in json.loads(ops.read_text()) if "ms" in r]
+    print(f"\nbench_ops (fp32): {len(rows)} timed op x backend rows; best fraction of the copy roofline per op:")
+    best = {}
+    for r in rows:
+        key = (r["op"], r["d"])
+        if key not in best or r["fraction_of_roofline"] > best[key]["fraction_of_roofline"]:
+            best[key] = r
+    for (op, d), r in sorted(best.items()):
+        print(f"  {op:<24} d={d:<4} {r['backend']:<7} {r['ms']:.4f} ms  {r['gbs']:.0f} GB/s  {r['fraction_of_roofline']:.0%}")
+EOF
+cat "$OUT/summary.log"
+
+echo
+say "steps (full logs in $OUT):"
+column -t -s $'\t' "$SUMMARY" 2>/dev/null || cat "$SUMMARY"
+say "done in $(now)s; results in $OUT"
+exit $FAILED

@@ -1,0 +1,544 @@
+"""`noprop bench`: end-to-end training throughput and peak memory, NoProp-DT modes against backprop.
+
+Equal work. One NoProp-DT step = T local block updates on one minibatch of B samples; one backprop
+step = one end-to-end update of the same T blocks (and head) on one minibatch. Both push every
+sample through all T blocks forward and backward once, so the per-sample arithmetic is the same.
+Per mode:
+  parallel / chunked / lean  one train_step over all T blocks (chunked/lean: k = chunk_size / 1
+                             blocks at a time, each chunk's backward before the next's forward).
+  sequential                 Algorithm 1 updates ONE block per minibatch, so one step here is T
+                             iterations (block t = 1..T, each on its own minibatch): T block updates
+                             per B samples, like the others. It also pays T optimizer steps of the
+                             shared head and T noise/CE/KL evaluations; ms_per_block_update = ms/T.
+  backprop                   the paper's same-architecture baseline (method doc §2), end to end.
+  cnn                        the strongest fair accuracy reference: ONE block's image branch + a
+                             linear classifier. Not equal work (about 1/T of it); shown for scale.
+samples_per_s = B / (seconds per step), i.e. training-set samples per second of epoch time: an
+epoch over N samples takes N / samples_per_s seconds in every mode (Algorithm 1's epoch is T
+passes that each update one block).
+
+Memory. CUDA: torch.cuda.max_memory_allocated (reset per config) and, if pynvml imports, the
+process's device memory from NVML. CPU: every config runs in a fresh subprocess (`isolated`) so
+its ru_maxrss is its own (rss_base_mb = the RSS before the model was built). Everywhere: saved_mb,
+the peak bytes of tensors saved for backward that are alive at once during one step
+(saved_tensors_hooks; parameters excluded, storages counted once) — deterministic and device-
+independent, it shows lean < chunked < parallel.
+
+Timing: `repeats` rounds; in each round every config runs warmup steps then `steps` timed steps
+(configs interleaved, so a slow spell on a shared machine hits all of them). Reported: medians over
+rounds with min/max and quartiles, and ratios to backprop computed per round (side by side), then
+the median.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+DT_MODES = ("parallel", "chunked", "lean", "sequential")
+BASELINES = ("backprop", "cnn")
+REQUIRED_KEYS = ("method", "mode", "device", "batch", "samples_per_s", "ms_per_step", "peak_mem_mb")
+CSV_COLUMNS = ("method", "mode", "execution", "execution_used", "device", "device_name", "batch", "T",
+               "chunk_size", "threads", "steps", "repeats", "ms_per_step", "ms_min", "ms_max", "ms_q25",
+               "ms_q75", "ms_all", "samples_per_s", "samples_per_s_min", "samples_per_s_max", "ms_per_block_update",
+               "ratio_to_backprop", "mem_ratio_to_backprop", "saved_ratio_to_backprop", "peak_mem_mb",
+               "peak_mem_kind", "rss_base_mb", "nvml_mem_mb", "saved_mb", "equal_work", "isolated", "torch",
+               "cuda", "triton", "backend", "data", "loadavg_1min", "commit", "dirty", "timestamp", "error")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Case:
+    """One benchmarked configuration: method dt with a mode and execution, or a baseline."""
+
+    method: str
+    mode: str  # dt: a training mode; baselines: "end-to-end"
+    execution: str  # loop | vmap | auto ("-" for baselines: they have no stacked form)
+
+    @property
+    def label(self) -> str:
+        if self.method != "dt":
+            return self.method
+        return f"dt {self.mode}" + ("" if self.execution in ("auto", "-") else f" ({self.execution})")
+
+
+def plan(methods, modes, executions, T: int, chunk_size: int) -> tuple[list[Case], list[str]]:
+    """Cases to run and notes on the ones skipped. vmap is only run where it differs from loop: a
+    lean chunk or a sequential step holds one block (nothing to stack), as does a chunk of 1."""
+    cases, notes = [], []
+    for method in methods:
+        if method in BASELINES:
+            cases.append(Case(method, "end-to-end", "-"))
+            continue
+        for mode in modes:
+            for ex in executions:
+                k = {"parallel": T, "chunked": min(chunk_size, T), "lean": 1, "sequential": 1}[mode]
+                if ex == "vmap" and k < 2:
+                    notes.append(f"dt {mode} (vmap) skipped: {k} block per chunk, nothing to stack (runs as loop)")
+                    continue
+                cases.append(Case(method, mode, ex))
+    return cases, notes
+
+
+# ---- measuring one case --------------------------------------------------------------------------
+
+class SavedTensorMeter:
+    """Peak bytes of autograd-saved tensors alive at once (saved_tensors_hooks). Storages are counted
+    once however often they are saved; parameters (alive anyway) are excluded."""
+
+    def __init__(self, params=()):
+        self.exclude = {p.untyped_storage().data_ptr() for p in params}
+        self.refs: dict = {}
+        self.current = self.peak = 0
+
+    def _add(self, key, nbytes):
+        n, _ = self.refs.get(key, (0, nbytes))
+        if n == 0:
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+        self.refs[key] = (n + 1, nbytes)
+
+    def _drop(self, key):
+        n, nbytes = self.refs[key]
+        if n == 1:
+            del self.refs[key]
+            self.current -= nbytes
+        else:
+            self.refs[key] = (n - 1, nbytes)
+
+    def pack(self, t):
+        try:
+            st = t.untyped_storage()
+            key, nbytes = (st.data_ptr(), st.device), st.nbytes()
+        except (RuntimeError, NotImplementedError):  # a wrapper without storage: count its elements
+            key, nbytes = ("id", id(t)), t.numel() * t.element_size()
+        if key[0] in self.exclude:
+            return t
+        return _Saved(self, key, nbytes, t)
+
+    @staticmethod
+    def unpack(h):
+        return h.tensor if isinstance(h, _Saved) else h
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+class _Saved:
+    __slots__ = ("meter", "key", "tensor")
+
+    def __init__(self, meter, key, nbytes, tensor):
+        self.meter, self.key, self.tensor = meter, key, tensor
+        meter._add(key, nbytes)
+
+    def __del__(self):  # the graph released this saved tensor (after its backward)
+        self.meter._drop(self.key)
+
+
+def _minibatches(data: str, batch: int, device, count: int = 4):
+    from noprop.data import load
+
+    split = load(data)
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(count):
+        idx = torch.randint(0, len(split.train), (batch,), generator=g)
+        out.append((split.train.images[idx].to(device), split.train.labels[idx].to(device)))
+    return split, out
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _nvml_process_mb(device) -> float | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
+                return proc.usedGpuMemory / 2**20
+    except Exception:  # no permission, MIG, driver mismatch: NVML is a bonus, not a requirement
+        return None
+    return None
+
+
+def measure(case: Case, opts: dict, saved: bool = True) -> dict:
+    """Warmup + `steps` timed steps of `case`: ms per step, peak memory, and (saved=True) the peak
+    saved-for-backward bytes of one more step."""
+    from noprop.models import NoPropDT
+    from noprop.training import Optimizers, TrainConfig, build_model, train_step
+
+    torch.set_num_threads(opts["threads"])
+    device = torch.device(opts["device"])
+    rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(0)
+    split, mbs = _minibatches(opts["data"], opts["batch"], device)
+    cfg = TrainConfig(method=case.method, schedule=case.mode if case.method == "dt" else "all-blocks",
+                      T=opts["T"], batch_size=opts["batch"], chunk_size=opts["chunk_size"],
+                      execution="auto" if case.execution == "-" else case.execution, device=str(device))
+    model = build_model(cfg, split.image_shape, split.num_classes, split.train).to(device)
+    optimizers = Optimizers(model, cfg)
+    model.train()
+    is_dt = isinstance(model, NoPropDT)
+    i = 0
+
+    def step():
+        nonlocal i
+        if is_dt and case.mode == "sequential":
+            for t in range(1, model.T + 1):  # T iterations, one block each: T block updates per step
+                x, y = mbs[i % len(mbs)]
+                i += 1
+                train_step(model, optimizers, x, y, [t], None)
+        else:
+            x, y = mbs[i % len(mbs)]
+            i += 1
+            train_step(model, optimizers, x, y, None, cfg.chunk if is_dt else None)
+
+    for _ in range(opts["warmup"]):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(opts["steps"]):
+        step()
+    _sync(device)
+    ms = (time.perf_counter() - t0) * 1e3 / opts["steps"]
+    out = {"ms_per_step": ms, "rss_base_mb": rss_base}
+    if saved:
+        meter = SavedTensorMeter(model.parameters())
+        with meter.hooks():
+            step()
+        out["saved_mb"] = meter.peak / 2**20
+    from noprop import engine
+    if is_dt:
+        k = {"parallel": model.T, "chunked": cfg.chunk_size, "lean": 1, "sequential": 1}[case.mode]
+        out["execution_used"] = engine.resolve(model.execution, list(model.blocks)[:max(1, min(k, model.T))], device)
+    else:
+        out["execution_used"] = "-"
+    if device.type == "cuda":
+        out["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        out["peak_mem_kind"] = "torch.cuda.max_memory_allocated"
+        out["nvml_mem_mb"] = _nvml_process_mb(device)
+    else:
+        out["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out["peak_mem_kind"] = "ru_maxrss of this config's own process" if opts["isolated"] else \
+            "ru_maxrss of the shared process (not isolated: includes earlier configs)"
+    return out
+
+
+def _run_isolated(case: Case, opts: dict, saved: bool, timeout: float | None) -> dict:
+    payload = json.dumps({"case": asdict(case), "opts": opts, "saved": saved})
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "noprop.bench", "--worker", payload], capture_output=True,
+                              text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": f"worker exited {proc.returncode}: {' | '.join(tail)}"}
+    return json.loads(lines[-1])
+
+
+# ---- environment ---------------------------------------------------------------------------------
+
+def _git(*args) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def environment(device: torch.device, threads: int) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"device": device.type, "device_name": device_name(device), "threads": threads,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
+            "python": platform.python_version(), "backend": os.environ.get("NOPROP_BACKEND", "auto"),
+            "loadavg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            "commit": _git("rev-parse", "--short", "HEAD"), "dirty": bool(status) if status is not None else None,
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+# ---- the benchmark -------------------------------------------------------------------------------
+
+def _quantiles(values):
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def summarise(case: Case, runs: list[dict], opts: dict, env: dict) -> dict:
+    ok = [r for r in runs if "error" not in r]
+    rec = {"method": case.method, "mode": case.mode, "execution": case.execution, "label": case.label,
+           **env, "batch": opts["batch"], "T": opts["T"], "chunk_size": opts["chunk_size"], "steps": opts["steps"],
+           "warmup": opts["warmup"], "repeats": len(ok), "data": opts["data"], "isolated": opts["isolated"],
+           "equal_work": case.method != "cnn",
+           "block_updates_per_step": opts["T"] if case.method != "cnn" else None}
+    if not ok:
+        return {**rec, "error": runs[0].get("error") if runs else "not run", "samples_per_s": None,
+                "ms_per_step": None, "peak_mem_mb": None}
+    ms = [r["ms_per_step"] for r in ok]
+    q25, q75 = _quantiles(ms)
+    med = statistics.median(ms)
+    saved = [r["saved_mb"] for r in ok if "saved_mb" in r]
+    nvml = [r["nvml_mem_mb"] for r in ok if r.get("nvml_mem_mb") is not None]
+    rec.update(ms_per_step=med, ms_min=min(ms), ms_max=max(ms), ms_q25=q25, ms_q75=q75, ms_all=ms,
+               samples_per_s=opts["batch"] * 1e3 / med, samples_per_s_min=opts["batch"] * 1e3 / max(ms),
+               samples_per_s_max=opts["batch"] * 1e3 / min(ms),
+               ms_per_block_update=med / opts["T"] if case.method != "cnn" else None,
+               peak_mem_mb=max(r["peak_mem_mb"] for r in ok), peak_mem_kind=ok[0]["peak_mem_kind"],
+               rss_base_mb=min(r["rss_base_mb"] for r in ok), nvml_mem_mb=max(nvml) if nvml else None,
+               saved_mb=saved[0] if saved else None, execution_used=ok[0]["execution_used"])
+    if len(ok) < len(runs):
+        rec["error"] = f"{len(runs) - len(ok)} of {len(runs)} repeats failed: {next(r for r in runs if 'error' in r)['error']}"
+    return rec
+
+
+def add_ratios(records: list[dict], per_round: dict) -> None:
+    """Throughput, memory and saved-bytes ratios to backprop; throughput per round (side by side)."""
+    base = next((r for r in records if r["method"] == "backprop" and r.get("ms_per_step")), None)
+    for rec in records:
+        rec["ratio_to_backprop"] = rec["mem_ratio_to_backprop"] = rec["saved_ratio_to_backprop"] = None
+        if base is None or not rec.get("ms_per_step"):
+            continue
+        pairs = [(b["ms_per_step"], c["ms_per_step"]) for b, c in zip(per_round["backprop"], per_round[rec["label"]])
+                 if "ms_per_step" in b and "ms_per_step" in c]
+        ratios = [b / c for b, c in pairs]  # > 1: faster than backprop
+        rec["ratio_to_backprop"] = statistics.median(ratios) if ratios else base["ms_per_step"] / rec["ms_per_step"]
+        rec["ratio_to_backprop_min"] = min(ratios) if ratios else None
+        rec["ratio_to_backprop_max"] = max(ratios) if ratios else None
+        if rec["peak_mem_mb"] and base["peak_mem_mb"]:
+            if rec["device"] == "cpu" and rec.get("rss_base_mb") is not None and base.get("rss_base_mb") is not None:
+                mine, theirs = rec["peak_mem_mb"] - rec["rss_base_mb"], base["peak_mem_mb"] - base["rss_base_mb"]
+                rec["mem_ratio_to_backprop"] = mine / theirs if theirs > 0 else None  # RSS above the baseline
+            else:
+                rec["mem_ratio_to_backprop"] = rec["peak_mem_mb"] / base["peak_mem_mb"]
+        if rec.get("saved_mb") and base.get("saved_mb"):
+            rec["saved_ratio_to_backprop"] = rec["saved_mb"] / base["saved_mb"]
+
+
+def run(opts: dict, methods, modes, executions, log=print) -> list[dict]:
+    device = torch.device(opts["device"])
+    env = environment(device, opts["threads"])
+    cases, notes = plan(methods, modes, executions, opts["T"], opts["chunk_size"])
+    for note in notes:
+        log(f"note: {note}")
+    per_round = {c.label: [] for c in cases}
+    n = len(cases) * opts["repeats"]
+    done = 0
+    for r in range(opts["repeats"]):
+        for case in cases:
+            saved = r == 0  # deterministic: measured once
+            t0 = time.perf_counter()
+            if opts["isolated"]:
+                res = _run_isolated(case, opts, saved, opts.get("case_timeout"))
+            else:
+                try:
+                    res = measure(case, opts, saved)
+                except Exception as exc:  # report and keep going
+                    res = {"error": f"{type(exc).__name__}: {exc}"}
+            per_round[case.label].append(res)
+            done += 1
+            what = res["error"] if "error" in res else \
+                f"{res['ms_per_step']:8.1f} ms/step {opts['batch'] * 1e3 / res['ms_per_step']:8.1f} samples/s " \
+                f"peak {res['peak_mem_mb']:7.0f} MB" + (f" saved {res['saved_mb']:7.1f} MB" if "saved_mb" in res else "")
+            log(f"[{done:>2}/{n}] round {r + 1} {case.label:<22} {what}  ({time.perf_counter() - t0:.0f} s)")
+    records = [summarise(c, per_round[c.label], opts, env) for c in cases]
+    add_ratios(records, per_round)
+    return records
+
+
+def table(records: list[dict]) -> str:
+    head = f"{'config':<22}{'ms/step':>10}{'[min-max]':>18}{'samples/s':>11}{'x backprop':>11}" \
+           f"{'peak MB':>9}{'saved MB':>10}{'x bp saved':>11}"
+    lines = [head, "-" * len(head)]
+    for r in records:
+        if not r.get("ms_per_step"):
+            lines.append(f"{r['label']:<22}  error: {r.get('error')}")
+            continue
+        ratio = f"{r['ratio_to_backprop']:.2f}" if r.get("ratio_to_backprop") else "-"
+        sratio = f"{r['saved_ratio_to_backprop']:.2f}" if r.get("saved_ratio_to_backprop") else "-"
+        saved = f"{r['saved_mb']:.1f}" if r.get("saved_mb") is not None else "-"
+        spread = f"[{r['ms_min']:.0f}-{r['ms_max']:.0f}]"
+        lines.append(f"{r['label']:<22}{r['ms_per_step']:>10.1f}{spread:>18}"
+                     f"{r['samples_per_s']:>11.1f}{ratio:>11}{r['peak_mem_mb']:>9.0f}{saved:>10}{sratio:>11}")
+    return "\n".join(lines)
+
+
+def execution_verdict(records: list[dict]) -> list[str]:
+    """Per mode measured both ways: which execution wins here, and by how much."""
+    out = []
+    by = {(r["mode"], r["execution"]): r for r in records if r["method"] == "dt" and r.get("ms_per_step")}
+    for mode in DT_MODES:
+        loop, vmap = by.get((mode, "loop")), by.get((mode, "vmap"))
+        if loop and vmap:
+            win, lose = (loop, vmap) if loop["ms_per_step"] <= vmap["ms_per_step"] else (vmap, loop)
+            out.append(f"{mode}: {win['execution']} wins on {win['device']} "
+                       f"({lose['ms_per_step'] / win['ms_per_step']:.2f}x faster: {loop['ms_per_step']:.1f} ms loop vs "
+                       f"{vmap['ms_per_step']:.1f} ms vmap)")
+    return out
+
+
+def _rounded(v):
+    if isinstance(v, float):
+        return round(v, 4)
+    if isinstance(v, list):
+        return [_rounded(x) for x in v]
+    return v
+
+
+def write_outputs(records: list[dict], json_path=None, csv_path=None) -> None:
+    records = [{k: _rounded(v) for k, v in r.items()} for r in records]
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(records, indent=1) + "\n")
+    if csv_path:
+        Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            for r in records:
+                w.writerow({k: r.get(k) for k in CSV_COLUMNS})
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="synthetic",
+                   help="data source (as for train): synthetic = MNIST-shaped 1x28x28, 10 classes; mnist5k; ...")
+    p.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
+    p.add_argument("--batch", type=int, default=128, help="minibatch size B")
+    p.add_argument("-T", "--blocks", dest="T", type=int, default=10, help="number of DT blocks")
+    p.add_argument("--chunk-size", type=int, default=2, help="blocks per chunk in the chunked mode")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default: 5 on CPU, 20 on CUDA)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1 on CPU, 5 on CUDA)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds over all configs (medians and spread over these)")
+    p.add_argument("--modes", default=",".join(DT_MODES), help="comma-separated NoProp-DT modes")
+    p.add_argument("--methods", default="dt,backprop,cnn", help="comma-separated: dt, backprop, cnn")
+    p.add_argument("--execution", choices=("auto", "loop", "vmap", "both"), default="auto",
+                   help="how DT blocks run: auto (the engine's per-device pick), loop, vmap, or both (loop vs vmap)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (recorded; default: 1 on CPU, torch's default on CUDA)")
+    p.add_argument("--isolate", dest="isolate", action="store_true", default=None,
+                   help="run each config in a fresh subprocess (default on CPU, so peak RSS is its own)")
+    p.add_argument("--no-isolate", dest="isolate", action="store_false", help="run every config in this process")
+    p.add_argument("--case-timeout", type=float, default=None, help="seconds before an isolated config is abandoned")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: T=3, batch 16, 1 warmup + 2 steps, 1 repeat, in-process (checks the output, "
+                        "not the speed)")
+    p.add_argument("--json", default=None, help="write the records (a JSON list) here")
+    p.add_argument("--csv", default=None, help="write the records as CSV here")
+    p.add_argument("--out", default=None, help="directory: writes bench.json and bench.csv there")
+
+
+def options(args) -> tuple[dict, list, list, list]:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device visible to torch")
+    if args.quick:
+        args.T, args.batch, args.repeats = 3, min(args.batch, 16), 1
+        args.steps, args.warmup = args.steps or 2, args.warmup if args.warmup is not None else 1
+    cpu = device.type == "cpu"
+    threads = args.threads or (1 if cpu else torch.get_num_threads())
+    isolated = args.isolate if args.isolate is not None else (cpu and not args.quick)
+    opts = {"device": str(device), "batch": args.batch, "T": args.T, "chunk_size": args.chunk_size,
+            "steps": args.steps or (5 if cpu else 20), "warmup": args.warmup if args.warmup is not None else (1 if cpu else 5),
+            "repeats": args.repeats, "threads": threads, "isolated": isolated, "data": args.data,
+            "case_timeout": args.case_timeout}
+    for name in ("batch", "T", "chunk_size", "steps", "repeats", "threads"):
+        if opts[name] < 1:
+            raise ValueError(f"{name} must be >= 1, got {opts[name]}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in methods:
+        if m not in ("dt",) + BASELINES:
+            raise ValueError(f"--methods: unknown method {m!r} (dt, backprop, cnn)")
+    for m in modes:
+        if m not in DT_MODES:
+            raise ValueError(f"--modes: unknown mode {m!r} ({', '.join(DT_MODES)})")
+    executions = ["loop", "vmap"] if args.execution == "both" else [args.execution]
+    return opts, methods, modes, executions
+
+
+def main_args(args) -> int:
+    opts, methods, modes, executions = options(args)
+    torch.set_num_threads(opts["threads"])
+    print(f"noprop bench: {', '.join(methods)} | modes {','.join(modes)} | execution {'/'.join(executions)} | "
+          f"device {opts['device']} | batch {opts['batch']} | T {opts['T']} | {opts['warmup']} warmup + "
+          f"{opts['steps']} steps x {opts['repeats']} rounds | {opts['threads']} threads | "
+          f"{'isolated subprocesses' if opts['isolated'] else 'in-process'}", file=sys.stderr)
+    records = run(opts, methods, modes, executions, log=lambda s: print(s, file=sys.stderr, flush=True))
+    json_path, csv_path = args.json, args.csv
+    if args.out:
+        json_path = json_path or str(Path(args.out) / "bench.json")
+        csv_path = csv_path or str(Path(args.out) / "bench.csv")
+    write_outputs(records, json_path, csv_path)
+    r0 = records[0]
+    print(f"\n{r0['device_name']} | torch {r0['torch']} | {opts['threads']} threads | batch {opts['batch']} | "
+          f"T {opts['T']} | commit {r0['commit']}{' (dirty)' if r0['dirty'] else ''}")
+    print(table(records))
+    for line in execution_verdict(records):
+        print("loop vs vmap: " + line)
+    for path in (json_path, csv_path):
+        if path:
+            print(f"wrote {path}")
+    return 1 if any(r.get("error") for r in records) else 0
+
+
+def _worker(payload: str) -> int:
+    job = json.loads(payload)
+    res = measure(Case(**job["case"]), job["opts"], job["saved"])
+    print(json.dumps(res), flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        return _worker(argv[1])
+    p = argparse.ArgumentParser(prog="noprop bench", description=__doc__.split("\n\n")[0])
+    add_args(p)
+    return main_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

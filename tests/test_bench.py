@@ -1,0 +1,119 @@
+"""noprop bench / profile, bench/plots.py, bench/accuracy_vs_time.py, bench/gpu_check.sh (CPU, small)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from noprop import bench
+from noprop.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import accuracy_vs_time  # noqa: E402
+import plots  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    json_path, csv_path = out / "quick.json", out / "quick.csv"
+    rc = main(["bench", "--quick", "--json", str(json_path), "--csv", str(csv_path)])
+    return rc, json.loads(json_path.read_text()), csv_path
+
+
+def test_quick_bench_writes_well_formed_records(quick):
+    rc, records, csv_path = quick
+    assert rc == 0
+    by = {(r["method"], r["mode"]): r for r in records}
+    assert set(by) == {("dt", m) for m in bench.DT_MODES} | {("backprop", "end-to-end"), ("cnn", "end-to-end")}
+    for r in records:
+        for key in bench.REQUIRED_KEYS + ("ratio_to_backprop", "torch", "commit", "timestamp", "execution",
+                                          "threads", "saved_mb", "ms_min", "ms_max"):
+            assert key in r, key
+        assert r["device"] == "cpu" and r["batch"] == 16 and r["T"] == 3
+        assert r["samples_per_s"] > 0 and r["ms_per_step"] > 0 and r["peak_mem_mb"] > 0
+        assert r["samples_per_s"] == pytest.approx(r["batch"] * 1e3 / r["ms_per_step"], rel=1e-3)
+        assert r["ms_min"] <= r["ms_per_step"] <= r["ms_max"]
+        assert "error" not in r
+    assert by[("backprop", "end-to-end")]["ratio_to_backprop"] == pytest.approx(1.0)
+    assert by[("dt", "parallel")]["execution_used"] == "loop"  # auto on the CPU
+    assert not by[("cnn", "end-to-end")]["equal_work"]
+    assert by[("dt", "sequential")]["ms_per_block_update"] == pytest.approx(
+        by[("dt", "sequential")]["ms_per_step"] / 3, rel=1e-3)
+    lines = csv_path.read_text().splitlines()
+    assert lines[0].split(",")[:3] == ["method", "mode", "execution"] and len(lines) == 1 + len(records)
+
+
+def test_saved_bytes_order_lean_chunked_parallel(quick):
+    _, records, _ = quick
+    saved = {r["mode"]: r["saved_mb"] for r in records if r["method"] == "dt"}
+    # T = 3, chunk 2: one block's activations, two, three
+    assert 0 < saved["lean"] < saved["chunked"] < saved["parallel"]
+    assert saved["sequential"] == pytest.approx(saved["lean"], rel=0.05)
+
+
+def test_saved_tensor_meter_counts_storages_once_and_frees():
+    w = torch.nn.Parameter(torch.randn(64, 64))
+    meter = bench.SavedTensorMeter([w])
+    x = torch.randn(32, 64, requires_grad=True)
+    with meter.hooks():
+        y = (x * x).sum() + (x @ w).sum()  # x saved three times, w excluded
+    assert meter.peak == 32 * 64 * 4
+    y.backward()
+    del y
+    assert meter.current == 0
+
+
+def test_plots_write_pngs(quick, tmp_path):
+    _, records, _ = quick
+    src = tmp_path / "small.json"
+    src.write_text(json.dumps(records))
+    pngs = plots.plot_file(src, tmp_path / "png")
+    assert [p.name for p in pngs] == ["small_throughput.png", "small_memory.png"]
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_profile_writes_trace_and_prints_table(tmp_path, capsys):
+    out = tmp_path / "prof"
+    assert main(["profile", "--steps", "1", "--warmup", "0", "-T", "2", "--batch", "8", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    trace = json.loads((out / "trace.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    for stage in ("noprop.noise", "noprop.block_forward", "noprop.local_loss", "noprop.backward", "noprop.optimizer"):
+        assert stage in names and stage in text
+    assert "Self CPU" in text and "CPU Mem" in text  # key_averages table with memory columns
+
+
+def test_accuracy_vs_time_plots_two_runs(tmp_path, capsys):
+    runs = []
+    for method, accs in (("dt", [0.5, 0.9, 0.97]), ("backprop", [0.3, 0.6, 0.8])):
+        p = tmp_path / f"{method}.jsonl"
+        p.write_text("\n".join(json.dumps({"epoch": i + 1, "test_acc": a, "elapsed_s": 10.0 * (i + 1),
+                                           "method": method, "schedule": "all-blocks"})
+                               for i, a in enumerate(accs)) + "\n")
+        runs.append(str(p))
+    out = tmp_path / "acc.png"
+    assert accuracy_vs_time.main([*runs, "--out", str(out), "--chance", "0.1"]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    rows = (tmp_path / "acc.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[1].startswith("NoProp-DT all-blocks")
+    assert "20" in capsys.readouterr().out  # dt reached 0.9 after 20 s
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"epoch": 1}\n')
+    assert accuracy_vs_time.main([str(bad), "--out", str(tmp_path / "x.png")]) == 2
+
+
+def test_gpu_check_without_gpu_skips_gpu_steps_and_honours_the_budget(tmp_path):
+    env = dict(os.environ, GPU_CHECK_BUDGET="12", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    steps = dict(line.split("\t")[:2] for line in (tmp_path / "steps.tsv").read_text().splitlines()[1:])
+    assert steps["build-cuda-ext"] == "skipped" and steps["tests-gpu"] == "skipped"
+    assert steps["env"] == "ok"
+    assert "SKIPPED" in steps.values() or "TIMEOUT" in steps.values()  # 12 s cannot hold the benchmarks
+    assert proc.returncode == 1 and "done in" in proc.stdout
