@@ -27,16 +27,16 @@ class ResidualStage(nn.Module):
 
 
 class ResNetBlock(nn.Module):
-    """(x [B, 3, 32, 32], z [B, d]) -> logits [B, m]: a stem, two residual stages, pooled
-    features fused with an embedding of z."""
+    """(x [B, 3, 32, 32], z [B, d]) -> logits [B, m]: a stem, two residual stages, a pooled 4×4
+    feature map fused with an embedding of z."""
 
     def __init__(self, embed_dim: int, num_classes: int, channels: int = 16):
         super().__init__()
         self.image = nn.Sequential(nn.Conv2d(3, channels, 3, stride=2, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
                                    ResidualStage(channels), nn.MaxPool2d(2), ResidualStage(channels),
-                                   nn.AdaptiveAvgPool2d(1), nn.Flatten())
+                                   nn.AdaptiveAvgPool2d(4), nn.Flatten())  # keep a 4×4 map: where matters
         self.label = nn.Sequential(nn.Linear(embed_dim, 64), nn.ReLU())
-        self.out = nn.Sequential(nn.Linear(channels + 64, 64), nn.ReLU(), nn.Linear(64, num_classes))
+        self.out = nn.Sequential(nn.Linear(16 * channels + 64, 64), nn.ReLU(), nn.Linear(64, num_classes))
 
     def forward(self, x, z):
         return self.out(torch.cat([self.image(x), self.label(z)], dim=1))
@@ -49,7 +49,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny run (CI smoke test)")
     args = parser.parse_args(argv)
     n_train = 128 if args.quick else 2000
-    split = synthetic((3, 32, 32), 10, train_size=n_train, test_size=n_train // 4, noise=2.0)
+    split = synthetic((3, 32, 32), 10, train_size=n_train, test_size=n_train // 4, noise=1.5)
     epochs, T = (1, 2) if args.quick else (args.epochs, args.blocks)
 
     results = {}
