@@ -22,7 +22,8 @@ def _add_data_args(p):
 def _add_train_args(p):
     p.add_argument("--method", choices=METHODS, default=DEFAULTS.method,
                    help="dt = NoProp-DT; backprop = the same blocks trained end to end; cnn = one block's image "
-                        "branch + linear classifier trained with backprop (strongest fair reference)")
+                        "branch + linear classifier trained with backprop (strongest fair reference); "
+                        "ct = NoProp-CT (continuous time, learnable schedule); fm = NoProp-FM (flow matching)")
     p.add_argument("--schedule", choices=SCHEDULES, default=DEFAULTS.schedule,
                    help="NoProp-DT update schedule: all-blocks (every block every minibatch) or sequential "
                         "(paper's Algorithm 1: one pass over the data per block)")
@@ -30,10 +31,13 @@ def _add_train_args(p):
                    help="class embedding: fixed one-hot, learned (--embed-dim), or prototype (image-sized)")
     p.add_argument("--embed-dim", type=int, default=DEFAULTS.embed_dim, help="dimension d of a learned embedding")
     p.add_argument("-T", "--blocks", dest="T", type=int, default=DEFAULTS.T, help="number of blocks / diffusion steps")
-    p.add_argument("--eta", type=float, default=DEFAULTS.eta, help="weight η of the denoising loss")
+    p.add_argument("--eta", type=float, default=None,
+                   help="weight η of the denoising loss (default: 0.1 for dt, 1.0 for ct, as in the paper)")
     p.add_argument("--max-alpha-bar", type=float, default=DEFAULTS.max_alpha_bar,
                    help="ᾱ_T, the top of the cosine schedule (caps SNR(T))")
-    p.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="passes over the training data")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="passes over the training data (default: per method, dt 12, ct/fm see METHOD_DEFAULTS "
+                        "in noprop/training.py)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="minibatch size")
     p.add_argument("--lr", type=float, default=DEFAULTS.lr, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="AdamW weight decay")
@@ -42,6 +46,12 @@ def _add_train_args(p):
     p.add_argument("--eval-runs", type=int, default=DEFAULTS.eval_runs,
                    help="stochastic inference chains averaged per test image")
     p.add_argument("--mean-chain", action="store_true", help="evaluate with the noise-free mean chain")
+    p.add_argument("--inference-steps", type=int, default=DEFAULTS.inference_steps,
+                   help="ct/fm: steps of the inference chain (time grid / Euler), used by the last epoch's "
+                        "evaluation and stored for noprop eval")
+    p.add_argument("--eval-steps", type=int, default=None,
+                   help="ct/fm: steps of the cheaper chain used by the per-epoch evaluation before the last "
+                        "epoch (default: 100)")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed")
 
 
@@ -64,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--eval-runs", type=int, default=1, help="stochastic inference chains averaged per image")
     p.add_argument("--mean-chain", action="store_true", help="use the noise-free mean chain")
+    p.add_argument("--inference-steps", type=int, default=None,
+                   help="ct/fm: steps of the inference chain (default: the checkpoint's, 1000 unless trained "
+                        "with another --inference-steps)")
     p.add_argument("--seed", type=int, default=0, help="seed of the inference noise")
 
     sub.add_parser("info", help="which op backends can run here, and why not")
@@ -85,7 +98,8 @@ def _train(args) -> int:
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     cfg = TrainConfig(**values)
     split = load(cfg.data, cfg.data_dir, cfg.seed)
-    print(f"training {cfg.method} ({cfg.schedule if cfg.method == 'dt' else 'end to end'}) on {split.name}: "
+    mode = {"dt": cfg.schedule, "ct": "one network, per-sample t", "fm": "one network, per-sample t"}
+    print(f"training {cfg.method} ({mode.get(cfg.method, 'end to end')}) on {split.name}: "
           f"{len(split.train)} train / {len(split.test)} test images, {cfg.epochs} epochs, device {cfg.device}")
     _, history = fit(cfg, split, args.checkpoint, args.metrics, args.resume, progress=not args.no_progress)
     if history:
@@ -101,7 +115,10 @@ def _eval(args) -> int:
 
     model, cfg, _ = load_model(args.checkpoint, args.device)
     split = load(cfg.data, args.data_dir or cfg.data_dir, cfg.seed)
-    acc = evaluate(model, split.test, args.device, runs=args.eval_runs, mean_chain=args.mean_chain, seed=args.seed)
+    if args.inference_steps is not None and args.inference_steps < 1:
+        raise ValueError(f"inference_steps must be >= 1, got {args.inference_steps}")
+    acc = evaluate(model, split.test, args.device, runs=args.eval_runs, mean_chain=args.mean_chain, seed=args.seed,
+                   steps=args.inference_steps)
     print(json.dumps({"checkpoint": args.checkpoint, "method": cfg.method, "data": split.name,
                       "test_acc": acc, "test_size": len(split.test)}))
     return 0

@@ -59,8 +59,8 @@ SHAPES = [  # (B, m, d)
     (7, 100, 20),
     (128, 10, 784),
     (1000, 10, 20),
-    pytest.param((1000, 100, 784), marks=pytest.mark.slow, id="large-1000-100-784"),
 ]
+LARGE = (1000, 100, 784)
 
 
 @pytest.mark.parametrize("coefs", [COEFS, (0.35, 0.8, 0.0)], ids=["noisy", "mean"])
@@ -69,6 +69,12 @@ def test_matches_float64_reference_fp32(shape, coefs):
     args = _inputs(*shape, torch.float32)
     _assert_rule(_step("triton", *args, coefs=coefs), _step("eager", *args, coefs=coefs),
                  _step("eager", *args, coefs=coefs, dtype=torch.float64))
+
+
+@pytest.mark.slow
+def test_matches_float64_reference_fp32_large():
+    args = _inputs(*LARGE, torch.float32)
+    _assert_rule(_step("triton", *args), _step("eager", *args), _step("eager", *args, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("shape", [(7, 100, 20), (128, 10, 784)])

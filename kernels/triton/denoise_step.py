@@ -48,9 +48,10 @@ def denoise_step(logits, W, z_prev, a: float, b: float, sqrt_c: float, seed):
     """logits: [B, m]; W: [m, d]; z_prev: [B, d]; seed: int64 [1] -> z_next: [B, d] like z_prev."""
     B, m = logits.shape
     d = W.shape[1]
-    block_b, block_m, block_d = dot_tiles(B, m, d)
+    block_b, block_m, block_d, warps = dot_tiles(B, m, d)
     out = torch.empty_like(z_prev)
     with on_device(z_prev):
         _denoise_step[(triton.cdiv(B, block_b),)](logits, W, z_prev, out, seed, float(a), float(b), float(sqrt_c),
-                                                  B, m, d, BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_D=block_d)
+                                                  B, m, d, BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_D=block_d,
+                                                  num_warps=warps)
     return out

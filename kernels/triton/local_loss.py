@@ -9,7 +9,7 @@ by tile with tl.dot. The backward recomputes r the same way instead of saving it
 Memory traffic (elt = bytes of the logits' dtype; W is m·d and stays in L2):
   forward   reads K·B·m·elt (logits) + K·B·4 (weights), writes K·nb·4 partial sums.
   backward  rows kernel: reads K·B·m·elt, writes K·B·m·elt (dlogits) + K·B·4 (dweight rows);
-            dW kernel: reads K·B·m·elt again per d-tile (n_dtiles ≈ d/64 re-reads of the small
+            dW kernel: reads K·B·m·elt again per d-tile (n_dtiles ≈ d/32 re-reads of the small
             logits, not of anything [K, B, d]) and writes S·m·d·4 split partials of dW.
 Everything is accumulated in float32; tl.dot runs in ieee fp32 (tf32 would cost ~1e-3 relative).
 """
@@ -143,12 +143,12 @@ def local_loss(logits, W, y, weight):
     """logits: [K, B, m]; W: [m, d]; y: [B]; weight: [K] or [K, B] -> loss: [K] float32."""
     K, B, m = logits.shape
     d = W.shape[1]
-    block_b, block_m, block_d = dot_tiles(B, m, d)
+    block_b, block_m, block_d, warps = dot_tiles(B, m, d)
     nb = triton.cdiv(B, block_b)
     part = torch.empty((K, nb), dtype=torch.float32, device=logits.device)
     with on_device(logits):
         _local_loss_fwd[(K, nb)](logits, W, y, weight, part, B, m, d, *_strides(weight, B), nb,
-                                 BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_D=block_d)
+                                 BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
     return part.sum(1) / B
 
 
@@ -157,7 +157,7 @@ def local_loss_backward(grad_loss, logits, W, y, weight):
     K, B, m = logits.shape
     d = W.shape[1]
     dev = logits.device
-    block_b, block_m, block_d = dot_tiles(B, m, d)
+    block_b, block_m, block_d, warps = dot_tiles(B, m, d)
     nb = triton.cdiv(B, block_b)
     n_dtiles = triton.cdiv(d, block_d)
     chunks_total = K * nb
@@ -171,9 +171,10 @@ def local_loss_backward(grad_loss, logits, W, y, weight):
     strides = _strides(weight, B)
     with on_device(logits):
         _local_loss_bwd_rows[(K, nb)](grad_loss, logits, W, y, weight, dlogits, dw_rows, B, m, d, *strides,
-                                      BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_D=block_d)
+                                      BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
         _local_loss_bwd_dW[(n_dtiles, splits)](grad_loss, logits, W, y, weight, part, K, B, m, d, *strides,
-                                               nb, chunks, BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_D=block_d)
+                                               nb, chunks, BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_D=block_d,
+                                               num_warps=warps)
     dW = part.sum(0)[:m].to(W.dtype)  # split partials summed in a fixed order: deterministic
     dweight = dw_rows.sum(1) if weight.ndim == 1 else dw_rows
     return dlogits, dW, dweight.to(weight.dtype)

@@ -19,7 +19,8 @@ import triton.language as tl
 
 from ._launch import on_device, pow2
 
-_TILE_ELEMENTS = 4096  # elements per program for the elementwise kernels: ~16-32 per thread at 4 warps
+_TILE_ELEMENTS = 4096  # elements per program for the elementwise kernels: 16 per thread at 8 warps
+_WARPS = 8  # 4 warps needed ~254 registers per thread for the backward's Philox + accumulators (sm_90)
 
 
 @triton.jit
@@ -111,7 +112,7 @@ def noise_inject(W, y, sqrt_abar, sqrt_one_minus_abar, seed):
     with on_device(W):
         _noise_inject_fwd[grid](W, y, sqrt_abar, sqrt_one_minus_abar, seed, z, K, B, d, m,
                                 *_strides(sqrt_abar, B), *_strides(sqrt_one_minus_abar, B),
-                                BLOCK_B=block_b, BLOCK_D=block_d)
+                                BLOCK_B=block_b, BLOCK_D=block_d, num_warps=_WARPS)
     return z
 
 
@@ -126,13 +127,13 @@ def noise_inject_backward(grad_z, W, y, sqrt_abar, sqrt_one_minus_abar, seed):
     dsa = torch.empty((n_dtiles, K, B), dtype=torch.float32, device=dev)
     ds1m = torch.empty((n_dtiles, K, B), dtype=torch.float32, device=dev)
     dW = torch.empty_like(W)
-    red_m, red_d = pow2(m, lo=16, hi=128), pow2(d, lo=16, hi=64)
+    red_m, red_d = pow2(m, lo=16, hi=128), pow2(d, lo=16, hi=32)
     with on_device(W):
         _noise_inject_bwd_rows[(triton.cdiv(B, block_b), n_dtiles)](
             grad_z, W, y, sqrt_abar, seed, h, dsa, ds1m, K, B, d, m, *_strides(sqrt_abar, B),
-            BLOCK_B=block_b, BLOCK_D=block_d)
+            BLOCK_B=block_b, BLOCK_D=block_d, num_warps=_WARPS)
         _sum_rows_by_label[(triton.cdiv(m, red_m), triton.cdiv(d, red_d))](
-            h, y, dW, B, d, m, BLOCK_M=red_m, BLOCK_B=64, BLOCK_D=red_d)
+            h, y, dW, B, d, m, BLOCK_M=red_m, BLOCK_B=32, BLOCK_D=red_d, num_warps=4 if red_m <= 32 else 8)
     # Partials over d-tiles (and over the batch for [K] coefficients) are summed in a fixed order.
     d_sa, d_s1m = dsa.sum(0), ds1m.sum(0)  # [K, B]
     if sqrt_abar.ndim == 1:
