@@ -23,11 +23,18 @@ import torch
 BACKENDS = ("triton", "cuda", "eager")
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "eager"), "cpu": ("eager",)}
 _override = threading.local()
-# dtypes a backend does not run, with the reason (one place; kernels/cuda's unsupported_reason agrees).
-_UNSUPPORTED_DTYPES = {
-    "triton": {torch.float64: "the Triton kernels compute in float32; float64 inputs run on the eager reference"},
-    "cuda": {torch.float64: "the CUDA extension computes float32/float16/bfloat16 only; float64 runs on the eager backend"},
+# dtypes the Triton kernels do not run, with the reason. The CUDA extension's own table lives beside
+# its kernels (noprop.kernels.cuda.UNSUPPORTED_DTYPES; importing that module loads no library).
+_TRITON_UNSUPPORTED_DTYPES = {
+    torch.float64: "the Triton kernels compute in float32; float64 inputs run on the eager reference",
 }
+
+
+def _unsupported_dtypes(backend: str) -> dict:
+    if backend == "cuda":
+        from noprop.kernels.cuda import UNSUPPORTED_DTYPES
+        return UNSUPPORTED_DTYPES
+    return _TRITON_UNSUPPORTED_DTYPES if backend == "triton" else {}
 
 
 class BackendUnavailable(RuntimeError):
@@ -107,7 +114,7 @@ def why_unavailable(backend: str, device: torch.device, dtype: torch.dtype | Non
     else:
         raise ValueError(f"unknown backend {backend!r}")
     if reason is None and dtype is not None:
-        reason = _UNSUPPORTED_DTYPES.get(backend, {}).get(dtype)
+        reason = _unsupported_dtypes(backend).get(dtype)
     return reason
 
 
