@@ -143,7 +143,7 @@ def main_args(args) -> int:
     trace = out / "trace.json"
     prof.export_chrome_trace(str(trace))
     events = prof.key_averages()
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"  # 'device': torch >= 2.4
     op_table = events.table(sort_by=sort, row_limit=args.row_limit)
     stages = _stage_table(events)
     head = (f"noprop profile: {case.label} | device {device} | batch {args.batch} | T {args.T} | "
