@@ -24,9 +24,14 @@ def _add_train_args(p):
                    help="dt = NoProp-DT; backprop = the same blocks trained end to end; cnn = one block's image "
                         "branch + linear classifier trained with backprop (strongest fair reference); "
                         "ct = NoProp-CT (continuous time, learnable schedule); fm = NoProp-FM (flow matching)")
-    p.add_argument("--schedule", choices=SCHEDULES, default=DEFAULTS.schedule,
-                   help="NoProp-DT update schedule: all-blocks (every block every minibatch) or sequential "
-                        "(paper's Algorithm 1: one pass over the data per block)")
+    p.add_argument("--schedule", "--mode", dest="schedule", choices=SCHEDULES, default=DEFAULTS.schedule,
+                   help="NoProp-DT training mode: all-blocks = parallel (every block on every minibatch, one step), "
+                        "chunked (the same update, --chunk-size blocks at a time: less memory), lean (one block "
+                        "at a time: least memory), sequential (paper's Algorithm 1: one pass over the data per block)")
+    p.add_argument("--chunk-size", type=int, default=DEFAULTS.chunk_size, help="blocks per chunk in --mode chunked")
+    p.add_argument("--execution", choices=("auto", "loop", "vmap"), default=DEFAULTS.execution,
+                   help="how the blocks of a step run: one by one (loop), stacked with vmap, or auto "
+                        "(the faster on this device: loop on CPU, vmap on CUDA)")
     p.add_argument("--embedding", choices=("onehot", "learned", "prototype"), default=DEFAULTS.embedding,
                    help="class embedding: fixed one-hot, learned (--embed-dim), or prototype (image-sized)")
     p.add_argument("--embed-dim", type=int, default=DEFAULTS.embed_dim, help="dimension d of a learned embedding")
@@ -36,7 +41,7 @@ def _add_train_args(p):
     p.add_argument("--max-alpha-bar", type=float, default=DEFAULTS.max_alpha_bar,
                    help="ᾱ_T, the top of the cosine schedule (caps SNR(T))")
     p.add_argument("--epochs", type=int, default=None,
-                   help="passes over the training data (default: per method, dt 12, ct/fm see METHOD_DEFAULTS "
+                   help="passes over the training data (default: per method, dt 15, ct/fm see METHOD_DEFAULTS "
                         "in noprop/training.py)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="minibatch size")
     p.add_argument("--lr", type=float, default=DEFAULTS.lr, help="AdamW learning rate")

@@ -53,6 +53,8 @@ class DTSchedule:
             raise ValueError("alpha_bar must be strictly increasing in t (t = 0 is noise, t = T is clean)")
         if not bool(((ab >= 0) & (ab < 1)).all()):
             raise ValueError("alpha_bar must lie in [0, 1)")
+        # A plain float, so the KL term traces under torch.compile without a data-dependent read.
+        object.__setattr__(self, "_alpha_bar_0", float(ab[0]))
 
     @property
     def T(self) -> int:
@@ -90,7 +92,7 @@ class DTSchedule:
 
         u_y: [B, d] -> scalar. Differentiable in u_y (learned embeddings).
         """
-        ab0 = float(self.alpha_bar[0])
+        ab0 = self._alpha_bar_0
         d = u_y.shape[-1]
         sq = u_y.float().pow(2).sum(-1)
         return 0.5 * (ab0 * sq - d * ab0 - d * math.log1p(-ab0)).mean()

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from noprop import checkpoint as ckpt
-from noprop.data import Dataset, Split, batches, validate
+from noprop.data import Dataset, Split, batches, random_shift, validate
 from noprop.embeddings import ClassEmbedding, make_embedding
 from noprop.models import BackpropDT, CNNClassifier, NoPropCT, NoPropDT, NoPropFM, ct_block, dt_block_factory
 from noprop.ops import new_seed
@@ -40,7 +40,7 @@ CONTINUOUS = ("ct", "fm")  # one network û(z_t, x, t), per-sample t ~ U(0, 1) (
 # CT/FM epochs: chosen so that a default run on MNIST-5k fits 15 min on a 2-core CPU (see
 # docs/continuous.md); eval_steps: inference steps of the per-epoch evaluation (the last epoch
 # and `noprop eval` use inference_steps, 1000 as in the paper).
-METHOD_DEFAULTS = {"dt": {"epochs": 12, "eta": 0.1, "eval_steps": None},
+METHOD_DEFAULTS = {"dt": {"epochs": 15, "eta": 0.1, "eval_steps": None},
                    "ct": {"epochs": 40, "eta": 1.0, "eval_steps": 100},
                    "fm": {"epochs": 40, "eta": 1.0, "eval_steps": 100}}
 SCHEDULES = ("all-blocks", "parallel", "chunked", "lean", "sequential")
@@ -59,6 +59,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 1e-3
+    augment_shift: int = 0  # random translation of training images by up to this many pixels (0: none)
     chunk_size: int = 2  # blocks per chunk in the chunked mode
     execution: str = "auto"  # how blocks run: loop, vmap (stacked) or auto (see noprop.engine)
     shared_lr_scale: float | None = None  # None: T when every block trains on every minibatch, else 1
@@ -253,13 +254,30 @@ def _epoch_plan(model, cfg: TrainConfig):
     return [None]
 
 
+def _cosine_lr(opts: Optimizers, epoch: int, epochs: int) -> None:
+    """CT/FM learning-rate schedule (the paper gives none): cosine decay from lr towards 0 over the
+    run, set per epoch (epoch e of E uses lr·½(1 + cos(π(e − 1)/E))). Measured on MNIST-5k it
+    steadies the noisy per-epoch accuracy of CT (docs/continuous.md). Resume-safe: the base lr
+    travels in the optimizer's param groups."""
+    for opt in opts.all():
+        for group in opt.param_groups:
+            base = group.setdefault("base_lr", group["lr"])
+            group["lr"] = base * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs))
+
+
 def fit(cfg: TrainConfig, split: Split, checkpoint_path=None, metrics_path=None, resume: bool = False,
-        progress: bool = True, log=print):
-    """Train per `cfg` on `split`; checkpoint every epoch; returns (model, history)."""
+        progress: bool = True, log=print, model=None):
+    """Train per `cfg` on `split`; checkpoint every epoch; returns (model, history).
+
+    model: bring your own (e.g. a NoPropDT of your own blocks, or a BackpropDT of the same blocks);
+    by default the model `cfg` describes is built. `cfg.method` must name its kind.
+    """
     validate(split.train.images, split.train.labels, split.num_classes, "training set")
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
-    model = build_model(cfg, split.image_shape, split.num_classes, split.train).to(device)
+    if model is None:
+        model = build_model(cfg, split.image_shape, split.num_classes, split.train)
+    model = model.to(device)
     opts = Optimizers(model, cfg)
     history, start_epoch = [], 0
     if resume:
@@ -282,12 +300,16 @@ def fit(cfg: TrainConfig, split: Split, checkpoint_path=None, metrics_path=None,
     n_batches = math.ceil(len(split.train) / cfg.batch_size)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         model.train()
+        if cfg.method in CONTINUOUS:
+            _cosine_lr(opts, epoch, cfg.epochs)
         plan = _epoch_plan(model, cfg)
         bar = tqdm(total=n_batches * len(plan), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress,
                    leave=False, unit="batch")
         t0, total, count, seen = time.perf_counter(), 0.0, 0, 0
+        augment_gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # resume-safe: keyed by epoch
         for blocks in plan:
             for x, y in batches(split.train, cfg.batch_size, shuffle=True, generator=gen):
+                x = random_shift(x, cfg.augment_shift, augment_gen)
                 total += train_step(model, opts, x.to(device), y.to(device), blocks, cfg.chunk)
                 count += 1
                 seen += x.shape[0]
