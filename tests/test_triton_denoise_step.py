@@ -13,34 +13,19 @@ import torch
 
 import noprop.kernels.triton as T
 from noprop import dispatch, ops
+from tests.error_rule import LOW, assert_error_rule, one_torch_thread  # noqa: F401
 from noprop.ops.philox import philox_randn
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # The eager references are many small int64/float ops: on 2 shared cores, torch's intra-op
-    # threads mostly wait on each other (10-25x slower under load). Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(threads)
 
 
-LOW = (torch.float16, torch.bfloat16)
 COEFS = (0.35, 0.8, 0.25)  # a, b, sqrt_c of a mid-chain step
 
 
-def _floor(dtype, scale):
-    return (1e-6 + (torch.finfo(dtype).eps / 2 if dtype in LOW else 0.0)) * scale
 
-
-def _assert_rule(got, same, ref):
-    assert got.shape == ref.shape and got.dtype == same.dtype
-    ref = ref.double()
-    err_t = (got.double() - ref).abs().max().item()
-    err_e = (same.double() - ref).abs().max().item()
-    floor = _floor(got.dtype, ref.abs().max().item())
-    assert err_t <= 2 * err_e + floor, f"triton err {err_t:.3g} > 2 x eager err {err_e:.3g} + {floor:.3g}"
 
 
 def _inputs(B, m, d, dtype):
@@ -67,21 +52,21 @@ LARGE = (1000, 100, 784)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_float64_reference_fp32(shape, coefs):
     args = _inputs(*shape, torch.float32)
-    _assert_rule(_step("triton", *args, coefs=coefs), _step("eager", *args, coefs=coefs),
+    assert_error_rule(_step("triton", *args, coefs=coefs), _step("eager", *args, coefs=coefs),
                  _step("eager", *args, coefs=coefs, dtype=torch.float64))
 
 
 @pytest.mark.slow
 def test_matches_float64_reference_fp32_large():
     args = _inputs(*LARGE, torch.float32)
-    _assert_rule(_step("triton", *args), _step("eager", *args), _step("eager", *args, dtype=torch.float64))
+    assert_error_rule(_step("triton", *args), _step("eager", *args), _step("eager", *args, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("shape", [(7, 100, 20), (128, 10, 784)])
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_matches_float64_reference_low_precision(shape, dtype):
     args = _inputs(*shape, dtype)
-    _assert_rule(_step("triton", *args), _step("eager", *args), _step("eager", *args, dtype=torch.float64))
+    assert_error_rule(_step("triton", *args), _step("eager", *args), _step("eager", *args, dtype=torch.float64))
 
 
 def test_noise_is_the_eager_philox_stream_and_seeded():

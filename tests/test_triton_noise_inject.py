@@ -13,33 +13,18 @@ import torch
 
 import noprop.kernels.triton as T
 from noprop import dispatch, ops
+from tests.error_rule import LOW, assert_error_rule, one_torch_thread  # noqa: F401
 from noprop.ops.philox import philox_randn
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # The eager references are many small int64/float ops: on 2 shared cores, torch's intra-op
-    # threads mostly wait on each other (10-25x slower under load). Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(threads)
 
 
-LOW = (torch.float16, torch.bfloat16)
 
 
-def _floor(dtype, scale):
-    return (1e-6 + (torch.finfo(dtype).eps / 2 if dtype in LOW else 0.0)) * scale
 
-
-def _assert_rule(name, got, same, ref):
-    assert got.shape == ref.shape and got.dtype == same.dtype, f"{name}: {got.shape}/{got.dtype}"
-    ref = ref.double()
-    err_t = (got.double() - ref).abs().max().item()
-    err_e = (same.double() - ref).abs().max().item()
-    floor = _floor(got.dtype, ref.abs().max().item())
-    assert err_t <= 2 * err_e + floor, f"{name}: triton err {err_t:.3g} > 2 x eager err {err_e:.3g} + {floor:.3g}"
 
 
 def _inputs(K, B, m, d, dtype, per_sample):
@@ -77,7 +62,7 @@ def _check_against_reference(shape, dtype, per_sample):
     same = _run("eager", *args)
     got = _run("triton", *args)
     for name, g, s, r in zip(("z", "dW", "d_sqrt_abar", "d_sqrt_one_minus_abar"), got, same, ref):
-        _assert_rule(name, g, s, r)
+        assert_error_rule(g, s, r, name)
 
 
 @pytest.mark.parametrize("per_sample", [False, True], ids=["coef[K]", "coef[K,B]"])
