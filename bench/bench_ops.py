@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 from noprop import dispatch
-from noprop.ops import eager, new_seed
+from noprop.ops import new_seed
 
 CONFIGS = [(11, 4096, 10, 10), (11, 4096, 10, 784)]  # (K, B, m, d) on a GPU
 CPU_CONFIG = (11, 128, 10, 20)  # small enough for the eager CPU reference

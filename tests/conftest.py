@@ -13,3 +13,13 @@ import torch  # noqa: E402
 def _seeded():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_torch_thread():
+    # The eager references are many small int64/float ops: on 2 shared cores, torch's intra-op
+    # threads mostly wait on each other (10-25x slower under load). Restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -5,7 +5,6 @@ The floor is 1e-6 relative to the reference's magnitude, plus, for fp16/bf16 out
 (eps/2 x magnitude): eager and a kernel that compute the same float32 value may still round it to
 neighbouring low-precision values when it lies near a rounding midpoint.
 """
-import pytest
 import torch
 
 LOW = (torch.float16, torch.bfloat16)
@@ -23,13 +22,3 @@ def assert_error_rule(got: torch.Tensor, same: torch.Tensor, ref: torch.Tensor, 
     err_e = (same.double() - ref).abs().max().item()
     fl = floor(got.dtype, ref.abs().max().item())
     assert err_k <= 2 * err_e + fl, f"{name}: {who} err {err_k:.3g} > 2 x eager err {err_e:.3g} + {fl:.3g}"
-
-
-@pytest.fixture
-def one_torch_thread():
-    # The eager references are many small int64/float ops: on 2 shared cores, torch's intra-op
-    # threads mostly wait on each other (10-25x slower under load). Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -286,7 +286,7 @@ def test_bad_inputs_get_clear_errors():
 # --- training, config, CLI -----------------------------------------------------------------------
 
 def test_per_method_defaults():
-    assert (TrainConfig().epochs, TrainConfig().eta) == (12, 0.1)
+    assert (TrainConfig().epochs, TrainConfig().eta) == (METHOD_DEFAULTS["dt"]["epochs"], 0.1)
     ct = TrainConfig(method="ct")
     assert ct.eta == 1.0 and ct.epochs == METHOD_DEFAULTS["ct"]["epochs"] and ct.inference_steps == 1000
     assert TrainConfig(method="fm", epochs=3).epochs == 3

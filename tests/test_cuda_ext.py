@@ -17,12 +17,10 @@ import noprop.kernels.cuda as cuda_ext
 from noprop import dispatch
 from noprop.ops import eager, new_seed
 from noprop.ops import noise_inject as public_noise_inject
+from tests.error_rule import assert_error_rule
 
 OPS = ("noise_inject", "noise_inject_backward", "local_loss", "local_loss_backward", "denoise_step")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Absolute error floor per dtype, relative to max(1, |reference|): covers a one-ulp difference in
-# the rounding of outputs that the eager computation happens to round the other way.
-FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def _load_error_or_none():
@@ -138,17 +136,6 @@ def test_make_fx_traces_the_op_with_fake_cuda_tensors(ext):
 
 # --- on a GPU: numerics against the float64 eager reference -------------------------------------
 
-def _err(x, ref):
-    return (x.double() - ref.double()).abs().max().item()
-
-
-def _assert_close_to_reference(name, got, same_dtype_eager, ref64):
-    scale = max(1.0, ref64.abs().max().item())
-    floor = FLOOR.get(got.dtype, FLOOR[torch.float32]) * scale
-    e_cuda, e_eager = _err(got, ref64), _err(same_dtype_eager, ref64)
-    assert e_cuda <= 2 * e_eager + floor, f"{name}: |cuda - f64| = {e_cuda:.3g} > 2·{e_eager:.3g} + {floor:.3g}"
-
-
 SHAPES = [(K, B, m, d) for K in (1, 10) for B in (1, 7, 128, 1000) for m in (10, 100) for d in (10, 20, 784)]
 
 
@@ -174,14 +161,14 @@ def test_noise_inject_matches_reference(gpu, dtype, K, B, m, d):
     per_sample = (B + d) % 2 == 1  # both coefficient layouts over the grid
     x, r, seed = _case(K, B, m, d, dtype, per_sample, gpu)
     args = lambda t: (t["W"], t["y"], t["sa"], t["s1m"], seed)  # noqa: E731
-    _assert_close_to_reference("z", cuda_ext.noise_inject(*args(x)), eager.noise_inject(*args(x)),
-                               eager.noise_inject(*args(r)))
+    assert_error_rule(cuda_ext.noise_inject(*args(x)), eager.noise_inject(*args(x)), eager.noise_inject(*args(r)),
+                      "z", who="cuda")
     got = cuda_ext.noise_inject_backward(x["gz"], *args(x))
     same = eager.noise_inject_backward(x["gz"], *args(x))
     ref = eager.noise_inject_backward(r["gz"].to(torch.float64), *args(r))
     for name, g_, s_, r_ in zip(("dW", "d_sqrt_abar", "d_sqrt_one_minus_abar"), got, same, ref):
         assert g_.shape == s_.shape and g_.dtype == s_.dtype
-        _assert_close_to_reference(name, g_, s_, r_)
+        assert_error_rule(g_, s_, r_, name, who="cuda")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -192,13 +179,13 @@ def test_local_loss_matches_reference(gpu, dtype, K, B, m, d):
     args = lambda t: (t["logits"], t["W"], t["y"], t["weight"])  # noqa: E731
     got = cuda_ext.local_loss(*args(x))
     assert got.dtype == torch.float32 and got.shape == (K,)
-    _assert_close_to_reference("loss", got, eager.local_loss(*args(x)), eager.local_loss(*args(r)))
+    assert_error_rule(got, eager.local_loss(*args(x)), eager.local_loss(*args(r)), "loss", who="cuda")
     got = cuda_ext.local_loss_backward(x["gl"], *args(x))
     same = eager.local_loss_backward(x["gl"], *args(x))
     ref = eager.local_loss_backward(r["gl"], *args(r))
     for name, g_, s_, r_ in zip(("dlogits", "dW", "dweight"), got, same, ref):
         assert g_.shape == s_.shape and g_.dtype == s_.dtype
-        _assert_close_to_reference(name, g_, s_, r_)
+        assert_error_rule(g_, s_, r_, name, who="cuda")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -210,8 +197,8 @@ def test_denoise_step_matches_reference(gpu, dtype, B, m, d, sqrt_c):
     args = lambda t, zp: (t["logits"][0], t["W"], zp, 0.7, 0.6, sqrt_c, seed)  # noqa: E731
     got = cuda_ext.denoise_step(*args(x, z_prev))
     assert got.dtype == dtype and got.shape == (B, d)
-    _assert_close_to_reference("z_next", got, eager.denoise_step(*args(x, z_prev)),
-                               eager.denoise_step(*args(r, z_prev.double())))
+    assert_error_rule(got, eager.denoise_step(*args(x, z_prev)), eager.denoise_step(*args(r, z_prev.double())),
+                      "z_next", who="cuda")
 
 
 def test_mixed_dtypes_follow_eager(gpu):

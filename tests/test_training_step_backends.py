@@ -1,6 +1,5 @@
 """A whole NoProp-DT training step through the fused ops: under torch.compile, and through the
 Triton backend (interpreted on CPU), against the eager step."""
-import copy
 
 import pytest
 import torch

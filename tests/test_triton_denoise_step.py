@@ -13,7 +13,7 @@ import torch
 
 import noprop.kernels.triton as T
 from noprop import dispatch, ops
-from tests.error_rule import LOW, assert_error_rule, one_torch_thread  # noqa: F401
+from tests.error_rule import LOW, assert_error_rule
 from noprop.ops.philox import philox_randn
 
 
