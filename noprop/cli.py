@@ -56,7 +56,7 @@ def _add_train_args(p):
                         "evaluation and stored for noprop eval")
     p.add_argument("--eval-steps", type=int, default=None,
                    help="ct/fm: steps of the cheaper chain used by the per-epoch evaluation before the last "
-                        "epoch (default: 100)")
+                        "epoch (default: 20)")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed")
 
 

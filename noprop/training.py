@@ -41,8 +41,8 @@ CONTINUOUS = ("ct", "fm")  # one network û(z_t, x, t), per-sample t ~ U(0, 1) (
 # docs/continuous.md); eval_steps: inference steps of the per-epoch evaluation (the last epoch
 # and `noprop eval` use inference_steps, 1000 as in the paper).
 METHOD_DEFAULTS = {"dt": {"epochs": 15, "eta": 0.1, "eval_steps": None},
-                   "ct": {"epochs": 40, "eta": 1.0, "eval_steps": 100},
-                   "fm": {"epochs": 40, "eta": 1.0, "eval_steps": 100}}
+                   "ct": {"epochs": 40, "eta": 1.0, "eval_steps": 20},
+                   "fm": {"epochs": 30, "eta": 1.0, "eval_steps": 20}}
 SCHEDULES = ("all-blocks", "parallel", "chunked", "lean", "sequential")
 
 
