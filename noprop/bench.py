@@ -181,11 +181,41 @@ def _nvml_process_mb(device) -> float | None:
     return None
 
 
+def training_step_fn(case: Case, data: str, batch: int, T: int, chunk_size: int, device):
+    """(model, config, step): `step()` runs one benchmark step of `case` on cycling minibatches.
+
+    One step is equal work (see the module docstring): T block updates on one minibatch in the
+    parallel/chunked/lean modes, one end-to-end update for backprop, and for Algorithm 1
+    (sequential) T iterations that each update one block on its own minibatch.
+    """
+    from noprop.training import Optimizers, TrainConfig, build_model, train_step
+
+    torch.manual_seed(0)
+    split, mbs = _minibatches(data, batch, device)
+    cfg = TrainConfig(method=case.method, schedule=case.mode if case.method == "dt" else "all-blocks",
+                      T=T, batch_size=batch, chunk_size=chunk_size,
+                      execution="auto" if case.execution == "-" else case.execution, device=str(device))
+    model = build_model(cfg, split.image_shape, split.num_classes, split.train).to(device)
+    optimizers = Optimizers(model, cfg)
+    model.train()
+    sequential = case.method == "dt" and case.mode == "sequential"
+    plan = [[t] for t in range(1, T + 1)] if sequential else [None]
+    chunk = cfg.chunk if case.method == "dt" else None
+    cursor = [0]
+
+    def step():
+        for blocks in plan:
+            x, y = mbs[cursor[0] % len(mbs)]
+            cursor[0] += 1
+            train_step(model, optimizers, x, y, blocks, None if blocks else chunk)
+
+    return model, cfg, step
+
+
 def measure(case: Case, opts: dict, saved: bool = True) -> dict:
     """Warmup + `steps` timed steps of `case`: ms per step, peak memory, and (saved=True) the peak
     saved-for-backward bytes of one more step."""
     from noprop.models import NoPropDT
-    from noprop.training import Optimizers, TrainConfig, build_model, train_step
 
     torch.set_num_threads(opts["threads"])
     device = torch.device(opts["device"])
@@ -193,28 +223,8 @@ def measure(case: Case, opts: dict, saved: bool = True) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    torch.manual_seed(0)
-    split, mbs = _minibatches(opts["data"], opts["batch"], device)
-    cfg = TrainConfig(method=case.method, schedule=case.mode if case.method == "dt" else "all-blocks",
-                      T=opts["T"], batch_size=opts["batch"], chunk_size=opts["chunk_size"],
-                      execution="auto" if case.execution == "-" else case.execution, device=str(device))
-    model = build_model(cfg, split.image_shape, split.num_classes, split.train).to(device)
-    optimizers = Optimizers(model, cfg)
-    model.train()
+    model, cfg, step = training_step_fn(case, opts["data"], opts["batch"], opts["T"], opts["chunk_size"], device)
     is_dt = isinstance(model, NoPropDT)
-    i = 0
-
-    def step():
-        nonlocal i
-        if is_dt and case.mode == "sequential":
-            for t in range(1, model.T + 1):  # T iterations, one block each: T block updates per step
-                x, y = mbs[i % len(mbs)]
-                i += 1
-                train_step(model, optimizers, x, y, [t], None)
-        else:
-            x, y = mbs[i % len(mbs)]
-            i += 1
-            train_step(model, optimizers, x, y, None, cfg.chunk if is_dt else None)
 
     for _ in range(opts["warmup"]):
         step()

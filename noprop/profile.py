@@ -97,9 +97,7 @@ def _stage_table(events) -> str:
 def main_args(args) -> int:
     from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
 
-    from noprop.bench import Case, _minibatches, _sync
-    from noprop.models import NoPropDT
-    from noprop.training import Optimizers, TrainConfig, build_model, train_step
+    from noprop.bench import Case, _sync, training_step_fn
 
     if args.steps < 1:
         raise ValueError(f"steps must be >= 1, got {args.steps}")
@@ -109,24 +107,11 @@ def main_args(args) -> int:
     torch.set_num_threads(args.threads or (1 if device.type == "cpu" else torch.get_num_threads()))
     enable_nvtx(args.nvtx)
     case = Case(args.method, args.mode if args.method == "dt" else "end-to-end", args.execution)
-    torch.manual_seed(0)
-    split, mbs = _minibatches(args.data, args.batch, device)
-    cfg = TrainConfig(method=args.method, schedule=args.mode if args.method == "dt" else "all-blocks", T=args.T,
-                      batch_size=args.batch, chunk_size=args.chunk_size, execution=args.execution, device=str(device))
-    model = build_model(cfg, split.image_shape, split.num_classes, split.train).to(device)
-    opts = Optimizers(model, cfg)
-    model.train()
-    is_dt = isinstance(model, NoPropDT)
-    i = 0
+    _, _, train_once = training_step_fn(case, args.data, args.batch, args.T, args.chunk_size, device)
 
     def step():
-        nonlocal i
         with record_function("noprop.step"):
-            plan = [[t] for t in range(1, model.T + 1)] if is_dt and args.mode == "sequential" else [None]
-            for blocks in plan:
-                x, y = mbs[i % len(mbs)]
-                i += 1
-                train_step(model, opts, x, y, blocks, cfg.chunk if is_dt and blocks is None else None)
+            train_once()
 
     for _ in range(args.warmup):
         step()

@@ -11,7 +11,7 @@ from noprop.cli import main
 from noprop.data import synthetic
 from noprop.embeddings import ClassEmbedding, make_embedding
 from noprop.models import CTBlock, NoPropCT, NoPropFM, ct_block
-from noprop.ops import local_loss, new_seed, noise_inject
+from noprop.ops import new_seed, noise_inject
 from noprop.schedule import CTSchedule
 from noprop.training import METHOD_DEFAULTS, TrainConfig, fit, load_model
 
