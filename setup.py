@@ -33,17 +33,14 @@ def _say(msg: str) -> None:
     print(f"noprop setup: {msg}", file=sys.stderr, flush=True)
 
 
-def _extra_cuda_includes(cuda_home: str) -> list[str]:
-    """Header dirs of the pip CUDA wheels (nvidia/cu13/include, nvidia/<lib>/include) when the
-    toolkit lacks the cuSPARSE/cuBLAS headers that ATen's CUDA headers include."""
-    if (Path(cuda_home) / "include" / "cusparse.h").exists():
-        return []
-    found = []
-    for entry in sys.path:
-        root = Path(entry or ".") / "nvidia"
-        if root.is_dir():
-            found += sorted(str(p) for p in root.glob("*/include") if p.is_dir())
-    return found
+def _toolkit():
+    """kernels/cuda/toolkit.py, loaded by path (noprop is not importable while it is being built)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_noprop_toolkit", HERE / "kernels" / "cuda" / "toolkit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _cuda_build():
@@ -79,8 +76,7 @@ def _cuda_build():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     os.environ.setdefault("MAX_JOBS", "2")
     arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
-    # -isystem: searched after every -I, so the toolkit's own headers win over the pip copies.
-    flags = ["-O3", "-DNOPROP_PYTHON_MODULE"] + [a for d in _extra_cuda_includes(cuda_home) for a in ("-isystem", d)]
+    flags = _toolkit().compile_flags(cuda_home)
     ext = cpp_extension.CUDAExtension(
         CUDA_EXT_NAME,
         CUDA_SOURCES,

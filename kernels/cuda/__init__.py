@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 import threading
 import warnings
 from pathlib import Path
@@ -139,19 +138,6 @@ def _ensure_loaded() -> str | None:
         return err
 
 
-def _extra_includes() -> list[str]:
-    from torch.utils import cpp_extension
-    home = cpp_extension.CUDA_HOME
-    if home and (Path(home) / "include" / "cusparse.h").exists():
-        return []
-    dirs = []
-    for entry in sys.path:
-        root = Path(entry or ".") / "nvidia"
-        if root.is_dir():
-            dirs += sorted(str(p) for p in root.glob("*/include") if p.is_dir())
-    return dirs
-
-
 def _jit_build(verbose: bool):
     from torch.utils import cpp_extension
     if cpp_extension.CUDA_HOME is None:
@@ -159,8 +145,8 @@ def _jit_build(verbose: bool):
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"  # else torch targets the visible GPUs
     os.environ.setdefault("MAX_JOBS", "2")
-    # -isystem: searched after every -I, so the toolkit's own headers win over the pip copies.
-    flags = ["-O3", "-DNOPROP_PYTHON_MODULE"] + [a for d in _extra_includes() for a in ("-isystem", d)]
+    from .toolkit import compile_flags
+    flags = compile_flags(cpp_extension.CUDA_HOME)
     mod = cpp_extension.load(
         name=_JIT_NAME,
         sources=[str(_HERE / s) for s in SOURCES],
