@@ -29,6 +29,15 @@ from noprop.ops import denoise_step, local_loss, new_seed, noise_inject
 from noprop.schedule import CTSchedule
 
 
+def _initial_z(B: int, W: torch.Tensor, z0: torch.Tensor | None, generator) -> torch.Tensor:
+    """z_0 [B, d] of an inference chain: the given z0 (checked), else N(0, I) noise."""
+    if z0 is None:
+        return torch.randn(B, W.shape[1], device=W.device, generator=generator, dtype=W.dtype)
+    if z0.shape != (B, W.shape[1]):
+        raise ValueError(f"z0 must have shape [B, d] = [{B}, {W.shape[1]}], got {tuple(z0.shape)}")
+    return z0.to(W.dtype).contiguous()
+
+
 @dataclass
 class ContinuousLosses:
     """Parts of the CT / FM objective for one minibatch (scalars)."""
@@ -170,12 +179,7 @@ class NoPropCT(_Continuous):
         a, b, sqrt_c = a.tolist(), b.tolist(), c.sqrt().tolist()
         feats = self._features(x)
         B = x.shape[0]
-        if z0 is None:
-            z = torch.randn(B, W.shape[1], device=x.device, generator=generator, dtype=W.dtype)
-        else:
-            if z0.shape != (B, W.shape[1]):
-                raise ValueError(f"z0 must have shape [B, d] = [{B}, {W.shape[1]}], got {tuple(z0.shape)}")
-            z = z0.to(W.dtype).contiguous()
+        z = _initial_z(B, W, z0, generator)
         kept = {0: z} if 0 in keep else {}
         for i in range(1, N + 1):
             t = torch.full((B,), (i - 1) / N, device=x.device)
@@ -259,12 +263,7 @@ class NoPropFM(_Continuous):
         N = self._prepare(x, steps, 1)
         W = self.embedding.weight
         B = x.shape[0]
-        if z0 is None:
-            z = torch.randn(B, W.shape[1], device=x.device, generator=generator, dtype=W.dtype)
-        else:
-            if z0.shape != (B, W.shape[1]):
-                raise ValueError(f"z0 must have shape [B, d] = [{B}, {W.shape[1]}], got {tuple(z0.shape)}")
-            z = z0.to(W.dtype)
+        z = _initial_z(B, W, z0, generator)
         feats = self._features(x)
         h = 1.0 / N
         for i in range(N):
