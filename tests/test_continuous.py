@@ -17,13 +17,9 @@ from noprop.training import METHOD_DEFAULTS, TrainConfig, fit, load_model
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # This file trains small networks; on a shared 2-core machine torch's default thread pool
-    # oversubscribes the cores and runs 10x slower. One thread keeps the file well under a minute.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
+    # small networks / many small eager ops: one torch thread on the shared 2-core machine
     yield
-    torch.set_num_threads(n)
 
 
 def perturbed_schedule(seed=0, scale=1.0):

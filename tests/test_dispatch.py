@@ -10,13 +10,9 @@ from noprop.ops import eager
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # The eager references are many small int64/float ops: on 2 shared cores, torch's intra-op
-    # threads mostly wait on each other (10-25x slower under load). Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_torch_thread(one_torch_thread):
+    # small networks / many small eager ops: one torch thread on the shared 2-core machine
     yield
-    torch.set_num_threads(threads)
 
 
 def _loss_args(dtype=torch.float32):
