@@ -101,8 +101,8 @@ class NoPropDT(nn.Module):
         total = Σ_{t in blocks} (T/2)·η·ΔSNR(t)·‖û_t(z_{t-1}, x) − u_y‖² + CE(head(z_T), y) + KL.
         Each block's parameters get exactly the gradient of their own local term: z_{t-1} is
         sampled from the label, never from another block. `seed` fixes the noise (chunked training
-        reuses one seed for every chunk of a minibatch); include_shared=False leaves CE and KL out
-        of `total` (they are then computed once per minibatch by the caller's first chunk).
+        reuses one seed for every chunk of a minibatch); include_shared=False skips CE and KL (reported
+        as 0): the caller's first chunk of the minibatch computes them once.
         """
         check_images(x, self.input_shape)
         ts = list(range(1, self.T + 1)) if blocks is None else list(blocks)
@@ -119,10 +119,12 @@ class NoPropDT(nn.Module):
             logits = self.run_blocks(ts, x, z)
         with stage("noprop.local_loss"):
             local = local_loss(logits, W, y, self.block_weight[[t - 1 for t in ts]])
+            if not include_shared:  # a later chunk of a minibatch: its first chunk carried CE and KL
+                zero = local.new_zeros(())
+                return DTLosses(local.sum(), local, zero, zero)
             ce = F.cross_entropy(self.head(z[self.T]), y)
             kl = self.schedule.kl_prior(W[y])
-        total = local.sum() + ce + kl if include_shared else local.sum()
-        return DTLosses(total, local, ce, kl)
+        return DTLosses(local.sum() + ce + kl, local, ce, kl)
 
     def run_blocks(self, ts: Sequence[int], x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Logits [len(ts), B, m] of blocks ts (1-based) on their inputs z[t - 1] (z: [T+1, B, d])."""
