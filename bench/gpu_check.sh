@@ -106,7 +106,8 @@ if [[ $DRY == 0 ]]; then
   # one rare GPU run should show every broken case, not only the first.
   step tests-gpu 150 env TRITON_INTERPRET=0 NOPROP_BACKEND=auto "$PYTHON" -m pytest -q --maxfail=10 -p no:cacheprovider \
     tests/test_cuda_ext.py tests/test_triton_noise_inject.py tests/test_triton_local_loss.py \
-    tests/test_triton_denoise_step.py tests/test_dispatch.py tests/test_engine.py tests/test_info.py
+    tests/test_triton_denoise_step.py tests/test_dispatch.py tests/test_engine.py tests/test_info.py \
+    tests/test_graphs.py
 else
   skip build-cuda-ext "GPU-only (dry run)"
   skip tests-gpu "GPU-only (dry run): CPU tests run with python -m pytest tests"
@@ -117,7 +118,7 @@ if [[ $DRY == 0 ]]; then
   step bench-b128 150 "${NOPROP[@]}" bench --device cuda --batch 128 --execution both --repeats "$REPEATS" \
     --json "$OUT/bench_b128.json" --csv "$OUT/bench_b128.csv"
   step bench-ops 90 "$PYTHON" bench/bench_ops.py "$OUT/ops_fp32"
-  step bench-b1024 120 "${NOPROP[@]}" bench --device cuda --batch 1024 --execution both --repeats "$REPEATS" \
+  step bench-b1024 120 "${NOPROP[@]}" bench --device cuda --batch 1024 --execution both --cuda-graph --repeats "$REPEATS" \
     --json "$OUT/bench_b1024.json" --csv "$OUT/bench_b1024.csv"
   # The same DT step with each op backend (end-to-end effect of the fused kernels).
   step bench-backends 100 bash -c "for b in eager triton cuda; do echo \"== NOPROP_BACKEND=\$b\"; NOPROP_BACKEND=\$b ${NOPROP[*]} bench --device cuda --batch 1024 --methods dt,backprop --modes parallel,lean --repeats $REPEATS --json '$OUT/bench_backend_'\$b.json || echo \"backend \$b failed\"; done"

@@ -37,7 +37,7 @@ def _label(r) -> str:
     if r["method"] != "dt":
         return r["method"] + ("\n(1 block, not\nequal work)" if r["method"] == "cnn" else "\n(end to end)")
     ex = r.get("execution_used") or r.get("execution")
-    return f"DT {r['mode']}\n({ex})"
+    return f"DT {r['mode']}{'+graph' if r.get('cuda_graph') else ''}\n({ex})"
 
 
 def _bars(ax, records, values, errs=None, ratios=None, unit="", fmt="{:.0f}"):

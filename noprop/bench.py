@@ -13,6 +13,8 @@ Per mode:
   backprop                   the paper's same-architecture baseline (method doc §2), end to end.
   cnn                        the strongest fair accuracy reference: ONE block's image branch + a
                              linear classifier. Not equal work (about 1/T of it); shown for scale.
+  parallel+graph             (--cuda-graph, CUDA only) the parallel step captured once as a CUDA
+                             graph and replayed (noprop.graphs): the same update, one launch per step.
 samples_per_s = B / (seconds per step), i.e. training-set samples per second of epoch time: an
 epoch over N samples takes N / samples_per_s seconds in every mode (Algorithm 1's epoch is T
 passes that each update one block).
@@ -50,7 +52,7 @@ import torch
 DT_MODES = ("parallel", "chunked", "lean", "sequential")
 BASELINES = ("backprop", "cnn")
 REQUIRED_KEYS = ("method", "mode", "device", "batch", "samples_per_s", "ms_per_step", "peak_mem_mb")
-CSV_COLUMNS = ("method", "mode", "execution", "execution_used", "device", "device_name", "batch", "T",
+CSV_COLUMNS = ("method", "mode", "execution", "execution_used", "cuda_graph", "device", "device_name", "batch", "T",
                "chunk_size", "threads", "steps", "repeats", "ms_per_step", "ms_min", "ms_max", "ms_q25",
                "ms_q75", "ms_all", "samples_per_s", "samples_per_s_min", "samples_per_s_max", "ms_per_block_update",
                "ratio_to_backprop", "mem_ratio_to_backprop", "saved_ratio_to_backprop", "peak_mem_mb",
@@ -66,17 +68,20 @@ class Case:
     method: str
     mode: str  # dt: a training mode; baselines: "end-to-end"
     execution: str  # loop | vmap | auto ("-" for baselines: they have no stacked form)
+    graph: bool = False  # dt parallel only: the step captured as a CUDA graph and replayed
 
     @property
     def label(self) -> str:
         if self.method != "dt":
             return self.method
-        return f"dt {self.mode}" + ("" if self.execution in ("auto", "-") else f" ({self.execution})")
+        return f"dt {self.mode}" + ("+graph" if self.graph else "") + \
+            ("" if self.execution in ("auto", "-") else f" ({self.execution})")
 
 
-def plan(methods, modes, executions, T: int, chunk_size: int) -> tuple[list[Case], list[str]]:
+def plan(methods, modes, executions, T: int, chunk_size: int, cuda_graph: bool = False) -> tuple[list[Case], list[str]]:
     """Cases to run and notes on the ones skipped. vmap is only run where it differs from loop: a
-    lean chunk or a sequential step holds one block (nothing to stack), as does a chunk of 1."""
+    lean chunk or a sequential step holds one block (nothing to stack), as does a chunk of 1.
+    cuda_graph: each dt parallel case is followed by the same case captured as a CUDA graph."""
     cases, notes = [], []
     for method in methods:
         if method in BASELINES:
@@ -89,6 +94,8 @@ def plan(methods, modes, executions, T: int, chunk_size: int) -> tuple[list[Case
                     notes.append(f"dt {mode} (vmap) skipped: {k} block per chunk, nothing to stack (runs as loop)")
                     continue
                 cases.append(Case(method, mode, ex))
+                if cuda_graph and mode == "parallel":
+                    cases.append(Case(method, mode, ex, graph=True))
     return cases, notes
 
 
@@ -186,18 +193,31 @@ def training_step_fn(case: Case, data: str, batch: int, T: int, chunk_size: int,
 
     One step is equal work (see the module docstring): T block updates on one minibatch in the
     parallel/chunked/lean modes, one end-to-end update for backprop, and for Algorithm 1
-    (sequential) T iterations that each update one block on its own minibatch.
+    (sequential) T iterations that each update one block on its own minibatch. A graph case
+    captures its step here (warm-up and capture happen before any timed step) and replays it.
     """
+    from noprop.graphs import CapturedStep
     from noprop.training import Optimizers, TrainConfig, build_model, train_step
 
     torch.manual_seed(0)
     split, mbs = _minibatches(data, batch, device)
     cfg = TrainConfig(method=case.method, schedule=case.mode if case.method == "dt" else "all-blocks",
                       T=T, batch_size=batch, chunk_size=chunk_size,
-                      execution="auto" if case.execution == "-" else case.execution, device=str(device))
+                      execution="auto" if case.execution == "-" else case.execution, device=str(device),
+                      cuda_graph=case.graph)
     model = build_model(cfg, split.image_shape, split.num_classes, split.train).to(device)
     optimizers = Optimizers(model, cfg)
     model.train()
+    if case.graph:
+        captured = CapturedStep(model, optimizers, *mbs[0])
+        cursor = [0]
+
+        def replay():
+            x, y = mbs[cursor[0] % len(mbs)]
+            cursor[0] += 1
+            captured(x, y)  # reads the loss like train_step does: one host sync per step in both
+
+        return model, cfg, replay
     sequential = case.method == "dt" and case.mode == "sequential"
     plan = [[t] for t in range(1, T + 1)] if sequential else [None]
     chunk = cfg.chunk if case.method == "dt" else None
@@ -235,7 +255,7 @@ def measure(case: Case, opts: dict, saved: bool = True) -> dict:
     _sync(device)
     ms = (time.perf_counter() - t0) * 1e3 / opts["steps"]
     out = {"ms_per_step": ms, "rss_base_mb": rss_base}
-    if saved:
+    if saved and not case.graph:  # a replay runs no autograd hooks: nothing to meter (the same step as parallel)
         meter = SavedTensorMeter(model.parameters())
         with meter.hooks():
             step()
@@ -321,6 +341,7 @@ def _quantiles(values):
 def summarise(case: Case, runs: list[dict], opts: dict, env: dict) -> dict:
     ok = [r for r in runs if "error" not in r]
     rec = {"method": case.method, "mode": case.mode, "execution": case.execution, "label": case.label,
+           "cuda_graph": case.graph,
            **env, "batch": opts["batch"], "T": opts["T"], "chunk_size": opts["chunk_size"], "steps": opts["steps"],
            "warmup": opts["warmup"], "repeats": len(ok), "data": opts["data"], "isolated": opts["isolated"],
            "equal_work": case.method != "cnn",
@@ -371,7 +392,7 @@ def add_ratios(records: list[dict], per_round: dict) -> None:
 def run(opts: dict, methods, modes, executions, log=print) -> list[dict]:
     device = torch.device(opts["device"])
     env = environment(device, opts["threads"])
-    cases, notes = plan(methods, modes, executions, opts["T"], opts["chunk_size"])
+    cases, notes = plan(methods, modes, executions, opts["T"], opts["chunk_size"], opts.get("cuda_graph", False))
     for note in notes:
         log(f"note: {note}")
     per_round = {c.label: [] for c in cases}
@@ -419,7 +440,8 @@ def table(records: list[dict]) -> str:
 def execution_verdict(records: list[dict]) -> list[str]:
     """Per mode measured both ways: which execution wins here, and by how much."""
     out = []
-    by = {(r["mode"], r["execution"]): r for r in records if r["method"] == "dt" and r.get("ms_per_step")}
+    by = {(r["mode"], r["execution"]): r for r in records
+          if r["method"] == "dt" and r.get("ms_per_step") and not r.get("cuda_graph")}
     for mode in DT_MODES:
         loop, vmap = by.get((mode, "loop")), by.get((mode, "vmap"))
         if loop and vmap:
@@ -472,6 +494,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="run each config in a fresh subprocess (default on CPU, so peak RSS is its own)")
     p.add_argument("--no-isolate", dest="isolate", action="store_false", help="run every config in this process")
     p.add_argument("--case-timeout", type=float, default=None, help="seconds before an isolated config is abandoned")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="also run the dt parallel step captured as a CUDA graph and replayed (label 'dt parallel+graph', "
+                        "CUDA only; needs dt and parallel in --methods/--modes)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: T=3, batch 16, 1 warmup + 2 steps, 1 repeat, in-process (checks the output, "
                         "not the speed)")
@@ -484,6 +509,8 @@ def options(args) -> tuple[dict, list, list, list]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device visible to torch")
+    if args.cuda_graph and device.type != "cuda":
+        raise ValueError(f"--cuda-graph: CUDA graphs need a CUDA device, got --device {args.device}")
     if args.quick:
         args.T, args.batch, args.repeats = 3, min(args.batch, 16), 1
         args.steps, args.warmup = args.steps or 2, args.warmup if args.warmup is not None else 1
@@ -493,7 +520,7 @@ def options(args) -> tuple[dict, list, list, list]:
     opts = {"device": str(device), "batch": args.batch, "T": args.T, "chunk_size": args.chunk_size,
             "steps": args.steps or (5 if cpu else 20), "warmup": args.warmup if args.warmup is not None else (1 if cpu else 5),
             "repeats": args.repeats, "threads": threads, "isolated": isolated, "data": args.data,
-            "case_timeout": args.case_timeout}
+            "case_timeout": args.case_timeout, "cuda_graph": bool(args.cuda_graph)}
     for name in ("batch", "T", "chunk_size", "steps", "repeats", "threads"):
         if opts[name] < 1:
             raise ValueError(f"{name} must be >= 1, got {opts[name]}")
@@ -506,13 +533,15 @@ def options(args) -> tuple[dict, list, list, list]:
         if m not in DT_MODES:
             raise ValueError(f"--modes: unknown mode {m!r} ({', '.join(DT_MODES)})")
     executions = ["loop", "vmap"] if args.execution == "both" else [args.execution]
+    if args.cuda_graph and ("dt" not in methods or "parallel" not in modes):
+        raise ValueError("--cuda-graph captures the dt parallel step: --methods must include dt and --modes parallel")
     return opts, methods, modes, executions
 
 
 def main_args(args) -> int:
     opts, methods, modes, executions = options(args)
     torch.set_num_threads(opts["threads"])
-    print(f"noprop bench: {', '.join(methods)} | modes {','.join(modes)} | execution {'/'.join(executions)} | "
+    print(f"noprop bench: {', '.join(methods)} | modes {','.join(modes)}{' + parallel CUDA graph' if opts['cuda_graph'] else ''} | execution {'/'.join(executions)} | "
           f"device {opts['device']} | batch {opts['batch']} | T {opts['T']} | {opts['warmup']} warmup + "
           f"{opts['steps']} steps x {opts['repeats']} rounds | {opts['threads']} threads | "
           f"{'isolated subprocesses' if opts['isolated'] else 'in-process'}", file=sys.stderr)

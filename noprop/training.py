@@ -13,6 +13,8 @@ Update schedules for NoProp-DT:
   block t, the head and the embedding.
 In the sequential schedule each block has its own AdamW, so a block that is not being trained is
 not stepped at all: no weight decay and no stale momentum reach it (see `Optimizers`).
+`cuda_graph` (parallel / all-blocks on CUDA): the same update, captured as a CUDA graph on the first
+batch and replayed for every batch of that shape (noprop.graphs); epoch 1's time includes the capture.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from noprop import checkpoint as ckpt
+from noprop import graphs
 from noprop.data import Dataset, Split, batches, random_shift, validate
 from noprop.embeddings import ClassEmbedding, make_embedding
 from noprop.models import BackpropDT, CNNClassifier, NoPropCT, NoPropDT, NoPropFM, ct_block, dt_block_factory
@@ -69,6 +72,7 @@ class TrainConfig:
     eval_steps: int | None = None  # CT/FM: steps of the per-epoch evaluation (None: per method)
     seed: int = 0
     device: str = "cpu"
+    cuda_graph: bool = False  # dt parallel/all-blocks on CUDA: replay each step as one CUDA graph (noprop.graphs)
     data: str = "mnist5k"
     data_dir: str | None = None
     extra: dict = field(default_factory=dict)
@@ -90,6 +94,13 @@ class TrainConfig:
         for name in ("lr", "eta"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.cuda_graph:
+            if self.method != "dt" or self.schedule not in graphs.SCHEDULES:
+                raise ValueError(f"cuda_graph: {graphs.WHY_ONLY_PARALLEL}; got method {self.method!r}, "
+                                 f"schedule {self.schedule!r}")
+            if str(self.device).split(":")[0] != "cuda":
+                raise ValueError(f"cuda_graph: CUDA graphs need a CUDA device, got device {self.device!r} "
+                                 "(train with --device cuda, or drop --cuda-graph)")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -141,12 +152,19 @@ class Optimizers:
     Every other mode updates every block on every minibatch: then one multi-tensor AdamW (fused on
     CUDA) over all blocks does exactly the same per-parameter arithmetic in fewer launches.
     Backprop baselines: a single AdamW over everything.
+    capturable (default: cfg.cuda_graph) builds them capturable, as a CUDA graph of the step needs
+    (noprop.graphs); only on CUDA, and kept through `load_state_dict`.
     """
 
-    def __init__(self, model, cfg: TrainConfig):
+    def __init__(self, model, cfg: TrainConfig, capturable: bool | None = None):
+        self.capturable = cfg.cuda_graph if capturable is None else bool(capturable)
         kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
         device = next(model.parameters()).device
         fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        if self.capturable:
+            if device.type != "cuda":
+                raise ValueError(f"capturable optimizers (for CUDA graphs) need the model on a CUDA device, got {device}")
+            kw["capturable"] = True
         self.blocks = []
         if isinstance(model, NoPropDT):
             shared = [p for n, p in model.named_parameters() if not n.startswith("blocks.")]
@@ -182,6 +200,8 @@ class Optimizers:
             raise ckpt.CheckpointError("checkpoint optimizer state does not match this model and training mode")
         for opt, st in zip(self.all(), states):
             opt.load_state_dict(st)
+            for group in opt.param_groups:  # the checkpoint's groups carry the flag of the run that saved them
+                group["capturable"] = self.capturable
 
 
 def _check_finite(loss: torch.Tensor) -> None:
@@ -273,12 +293,15 @@ def fit(cfg: TrainConfig, split: Split, checkpoint_path=None, metrics_path=None,
     by default the model `cfg` describes is built. `cfg.method` must name its kind.
     """
     validate(split.train.images, split.train.labels, split.num_classes, "training set")
+    if cfg.cuda_graph and not torch.cuda.is_available():
+        raise ValueError("cuda_graph: CUDA graphs need a CUDA device, but no CUDA device is visible to torch")
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     if model is None:
         model = build_model(cfg, split.image_shape, split.num_classes, split.train)
     model = model.to(device)
     opts = Optimizers(model, cfg)
+    captured = None  # cuda_graph: the step captured on the first batch (after a resume's state is loaded)
     history, start_epoch = [], 0
     if resume:
         if checkpoint_path is None or not Path(checkpoint_path).exists():
@@ -310,7 +333,12 @@ def fit(cfg: TrainConfig, split: Split, checkpoint_path=None, metrics_path=None,
         for blocks in plan:
             for x, y in batches(split.train, cfg.batch_size, shuffle=True, generator=gen):
                 x = random_shift(x, cfg.augment_shift, augment_gen)
-                total += train_step(model, opts, x.to(device), y.to(device), blocks, cfg.chunk)
+                if cfg.cuda_graph and captured is None:
+                    captured = graphs.CapturedStep(model, opts, x, y)
+                if captured is not None and captured.accepts(x, y):
+                    total += captured(x, y)  # copies the CPU batch into the graph's static buffers
+                else:  # no graph, or a last partial batch of another shape: the eager step
+                    total += train_step(model, opts, x.to(device), y.to(device), blocks, cfg.chunk)
                 count += 1
                 seen += x.shape[0]
                 bar.update()

@@ -21,6 +21,17 @@ from noprop.profile import stage
 from noprop.schedule import DTSchedule
 
 
+def _rows(ts: Sequence[int]) -> slice | list[int]:
+    """0-based rows of blocks ts (1-based): a slice when they are consecutive (every block, a chunk, one
+    block), else a list. A slice indexes a device tensor with no host-to-device copy of an index,
+    which keeps the all-blocks step free of host syncs, so it can be captured in a CUDA graph
+    (noprop.graphs)."""
+    ts = list(ts)
+    if ts == list(range(ts[0], ts[0] + len(ts))):
+        return slice(ts[0] - 1, ts[0] - 1 + len(ts))
+    return [t - 1 for t in ts]
+
+
 @dataclass
 class DTLosses:
     """Parts of the DT objective for one minibatch (all scalars but `local`)."""
@@ -118,7 +129,7 @@ class NoPropDT(nn.Module):
         with stage("noprop.block_forward"):
             logits = self.run_blocks(ts, x, z)
         with stage("noprop.local_loss"):
-            local = local_loss(logits, W, y, self.block_weight[[t - 1 for t in ts]])
+            local = local_loss(logits, W, y, self.block_weight[_rows(ts)])
             if not include_shared:  # a later chunk of a minibatch: its first chunk carried CE and KL
                 zero = local.new_zeros(())
                 return DTLosses(local.sum(), local, zero, zero)
@@ -130,8 +141,10 @@ class NoPropDT(nn.Module):
         """Logits [len(ts), B, m] of blocks ts (1-based) on their inputs z[t - 1] (z: [T+1, B, d])."""
         chosen = [self.blocks[t - 1] for t in ts]
         if engine.resolve(self.execution, chosen, x.device) == "vmap":
-            idx = torch.tensor([t - 1 for t in ts], device=z.device)
-            logits = engine.run_stacked(chosen, x, z[idx])
+            rows = _rows(ts)
+            if not isinstance(rows, slice):
+                rows = torch.tensor(rows, device=z.device)
+            logits = engine.run_stacked(chosen, x, z[rows])
             if logits.shape[1:] != (x.shape[0], self.num_classes):
                 raise ValueError(f"blocks must return logits of shape [B, m] = [{x.shape[0]}, {self.num_classes}], "
                                  f"got {list(logits.shape[1:])}")
