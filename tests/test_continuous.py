@@ -9,9 +9,11 @@ from torch import nn
 
 from noprop.cli import main
 from noprop.data import synthetic
+from noprop.dispatch import use_backend, why_unavailable
 from noprop.embeddings import ClassEmbedding, make_embedding
 from noprop.models import CTBlock, NoPropCT, NoPropFM, ct_block
 from noprop.ops import new_seed, noise_inject
+from noprop.ops.philox import philox_randn
 from noprop.schedule import CTSchedule
 from noprop.training import METHOD_DEFAULTS, TrainConfig, fit, load_model
 
@@ -201,7 +203,8 @@ def test_fm_loss_is_summed_over_dims_and_adds_ce_only_for_learned_embeddings():
         torch.manual_seed(4)
         t = torch.rand(8)
         W = emb.weight
-        z0 = torch.randn(8, W.shape[1])
+        # z_0 is the noise of the path's noise_inject: the Philox stream of the seed drawn next.
+        z0 = philox_randn(new_seed(), (1, 8, W.shape[1]))[0]
         zt = t[:, None] * W[y] + (1 - t[:, None]) * z0
         v = model.net(x, zt, t) @ W
         torch.testing.assert_close(out.local, (v - (W[y] - z0)).pow(2).sum(1).mean(), rtol=1e-5, atol=1e-6)
@@ -212,6 +215,35 @@ def test_fm_loss_is_summed_over_dims_and_adds_ce_only_for_learned_embeddings():
             torch.testing.assert_close(out.ce, nn.functional.cross_entropy(logits, y), rtol=1e-4, atol=1e-5)
             out.total.backward()
             assert emb.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(why_unavailable("triton", torch.device("cpu")) is not None,
+                    reason=str(why_unavailable("triton", torch.device("cpu"))))
+@pytest.mark.parametrize("method", ["ct", "fm"])
+def test_triton_backend_gives_the_eager_losses_gradients_and_chain(method):
+    """CT and FM run their noising, loss and inference step through the fused ops: the interpreted
+    Triton kernels give the eager step's losses and gradients, and the same label-free chain."""
+    x, y = torch.randn(9, 1, 16, 16), torch.randint(0, 4, (9,))
+    results = []
+    for backend in ("eager", "triton"):
+        torch.manual_seed(0)
+        emb = make_embedding("learned", 4, dim=6)
+        net = tiny_net((1, 16, 16), emb)
+        model = (NoPropCT(net, emb) if method == "ct" else NoPropFM(net, emb)).eval()
+        torch.manual_seed(3)
+        with use_backend(backend):
+            out = model.losses(x, y)
+            out.total.backward()
+            z1 = model.chain(x, steps=4, generator=torch.Generator().manual_seed(1))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.local.detach(), out.total.detach(), grads, z1))
+    (loc_e, tot_e, g_e, z_e), (loc_t, tot_t, g_t, z_t) = results
+    torch.testing.assert_close(loc_t, loc_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tot_t, tot_e, rtol=1e-5, atol=1e-6)
+    assert g_t.keys() == g_e.keys() and "embedding._learned" in g_e
+    for name in g_e:
+        torch.testing.assert_close(g_t[name], g_e[name], rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(z_t, z_e, rtol=1e-4, atol=1e-5)
 
 
 def test_fm_inference_never_reads_labels():

@@ -201,6 +201,34 @@ def test_denoise_step_matches_reference(gpu, dtype, B, m, d, sqrt_c):
                       "z_next", who="cuda")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("softmax", (False, True), ids=["identity", "softmax"])
+@pytest.mark.parametrize("K,B,m,d", [(1, 1, 10, 10), (1, 1000, 10, 20), (10, 7, 100, 784), (1, 128, 100, 20)])
+def test_local_loss_with_offset_and_without_softmax_matches_reference(gpu, dtype, softmax, K, B, m, d):
+    # NoProp-FM's loss is the identity variant with offset = z_0; here offset is the [K=0] row of gz.
+    x, r, _ = _case(K, B, m, d, dtype, True, gpu)
+    args = lambda t: (t["logits"], t["W"], t["y"], t["weight"], t["gz"][0], softmax)  # noqa: E731
+    got = cuda_ext.local_loss(*args(x))
+    assert_error_rule(got, eager.local_loss(*args(x)), eager.local_loss(*args(r)), "loss", who="cuda")
+    got = cuda_ext.local_loss_backward(x["gl"], *args(x))
+    same = eager.local_loss_backward(x["gl"], *args(x))
+    ref = eager.local_loss_backward(r["gl"], *args(r))
+    for name, g_, s_, r_ in zip(("dlogits", "dW", "dweight"), got, same, ref):
+        assert g_.shape == s_.shape and g_.dtype == s_.dtype
+        assert_error_rule(g_, s_, r_, name, who="cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,m,d", [(1, 10, 10), (7, 100, 20), (1000, 10, 784)])
+def test_denoise_step_without_softmax_is_the_euler_step(gpu, dtype, B, m, d):
+    x, r, seed = _case(1, B, m, d, dtype, False, gpu)
+    z_prev = x["gz"][0]
+    args = lambda t, zp: (t["logits"][0], t["W"], zp, 1 / 7, 1.0, 0.0, seed, False)  # noqa: E731
+    got = cuda_ext.denoise_step(*args(x, z_prev))
+    assert_error_rule(got, eager.denoise_step(*args(x, z_prev)), eager.denoise_step(*args(r, z_prev.double())),
+                      "z_next", who="cuda")
+
+
 def test_mixed_dtypes_follow_eager(gpu):
     x, r, seed = _case(3, 33, 10, 20, torch.bfloat16, True, gpu)
     weight = x["weight"].half()
@@ -303,7 +331,11 @@ def test_opcheck(gpu):
              (ops.noise_inject_backward.default, (torch.randn(2, 9, 20, device=gpu), W, y, sa, s1m, seed)),
              (ops.local_loss.default, (logits, W, y, sa)),
              (ops.local_loss_backward.default, (torch.rand(2, device=gpu), logits, W, y, sa)),
-             (ops.denoise_step.default, (logits[0], W, torch.randn(9, 20, device=gpu), 0.5, 0.5, 0.1, seed))]
+             (ops.local_loss.default, (logits, W, y, sa, torch.randn(9, 20, device=gpu), False)),
+             (ops.local_loss_backward.default, (torch.rand(2, device=gpu), logits, W, y, sa,
+                                                torch.randn(9, 20, device=gpu), False)),
+             (ops.denoise_step.default, (logits[0], W, torch.randn(9, 20, device=gpu), 0.5, 0.5, 0.1, seed)),
+             (ops.denoise_step.default, (logits[0], W, torch.randn(9, 20, device=gpu), 0.5, 1.0, 0.0, seed, False))]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 

@@ -129,3 +129,21 @@ def test_use_backend_nests_restores_and_is_thread_local():
         worker.start()
         worker.join()
     assert seen["other"] == "auto" and dispatch.requested_backend() == "auto"
+
+
+@pytest.mark.skipif(dispatch.why_unavailable("triton", torch.device("cpu")) is not None,
+                    reason=str(dispatch.why_unavailable("triton", torch.device("cpu"))))
+def test_backward_follows_the_forwards_backend_on_any_thread(monkeypatch):
+    # On CUDA, autograd runs the backward on its own device thread, which does not see a
+    # use_backend(...) request made on the training thread: the backward must follow the forward.
+    monkeypatch.delenv("NOPROP_BACKEND", raising=False)
+    calls = [_spy(monkeypatch, T, name) for name in ("local_loss_backward", "noise_inject_backward")]
+    logits, W, y, weight = (t.requires_grad_() if t.is_floating_point() else t for t in _loss_args())
+    with dispatch.use_backend("triton"):
+        z = ops.noise_inject(W, y, weight.detach()[:1], weight.detach()[1:], ops.new_seed())
+        loss = ops.local_loss(logits, W, y, weight).sum() + z.sum()
+    worker = threading.Thread(target=loss.backward)  # outside the request, on another thread
+    worker.start()
+    worker.join()
+    assert calls == [["local_loss_backward"], ["noise_inject_backward"]]
+    assert W.grad is not None and logits.grad is not None

@@ -32,11 +32,11 @@ def _inputs(B, m, d, dtype):
     return (3 * torch.randn(B, m)).to(dtype), torch.randn(m, d).to(dtype), torch.randn(B, d).to(dtype), ops.new_seed()
 
 
-def _step(backend, logits, W, z, seed, coefs=COEFS, dtype=None):
+def _step(backend, logits, W, z, seed, coefs=COEFS, dtype=None, softmax=True):
     if dtype is not None:
         logits, W, z = logits.to(dtype), W.to(dtype), z.to(dtype)
     with dispatch.use_backend(backend):
-        return ops.denoise_step(logits, W, z, *coefs, seed=seed)
+        return ops.denoise_step(logits, W, z, *coefs, seed=seed, softmax=softmax)
 
 
 SHAPES = [  # (B, m, d)
@@ -69,6 +69,36 @@ def test_matches_float64_reference_low_precision(shape, dtype):
     assert_error_rule(_step("triton", *args), _step("eager", *args), _step("eager", *args, dtype=torch.float64))
 
 
+EULER = (1 / 7, 1.0, 0.0)  # NoProp-FM's Euler step z + h·v, v = logits·W: a = h, b = 1, no noise
+
+
+@pytest.mark.parametrize("coefs", [EULER, COEFS], ids=["euler", "noisy"])
+@pytest.mark.parametrize("shape", [(1, 10, 10), (7, 100, 20), (128, 10, 784)])
+def test_softmax_free_variant_matches_float64_reference_fp32(shape, coefs):
+    args = _inputs(*shape, torch.float32)
+    kw = dict(coefs=coefs, softmax=False)
+    assert_error_rule(_step("triton", *args, **kw), _step("eager", *args, **kw),
+                      _step("eager", *args, dtype=torch.float64, **kw))
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_softmax_free_variant_matches_float64_reference_low_precision(dtype):
+    args = _inputs(128, 10, 784, dtype)
+    kw = dict(coefs=EULER, softmax=False)
+    assert_error_rule(_step("triton", *args, **kw), _step("eager", *args, **kw),
+                      _step("eager", *args, dtype=torch.float64, **kw))
+
+
+def test_softmax_free_variant_is_an_euler_step():
+    # Written out independently of the eager helpers: z + h · (logits · W).
+    logits, W, z, seed = _inputs(33, 10, 20, torch.float64)
+    want = z + EULER[0] * (logits @ W)
+    torch.testing.assert_close(_step("eager", logits, W, z, seed, coefs=EULER, softmax=False), want,
+                               rtol=1e-12, atol=1e-12)
+    got = _step("triton", logits.float(), W.float(), z.float(), seed, coefs=EULER, softmax=False)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_noise_is_the_eager_philox_stream_and_seeded():
     B, d = 64, 20
     logits, W, z, seed = _inputs(B, 10, d, torch.float32)
@@ -91,10 +121,11 @@ def test_noise_statistics():
     assert abs(eps.var().item() - 1) < 4 * (2 / (n - 1)) ** 0.5
 
 
-def test_opcheck():
+@pytest.mark.parametrize("softmax", [True, False])
+def test_opcheck(softmax):
     logits, W, z, seed = _inputs(9, 10, 20, torch.float32)
     with dispatch.use_backend("triton"):
-        torch.library.opcheck(torch.ops.noprop.denoise_step.default, (logits, W, z, *COEFS, seed))
+        torch.library.opcheck(torch.ops.noprop.denoise_step.default, (logits, W, z, *COEFS, seed, softmax))
 
 
 BAD = {  # name -> (mutation of valid args, expected error, message fragment)

@@ -237,10 +237,10 @@ def _register_fakes() -> None:
         "noise_inject": lambda W, y, sa, s1m, seed: W.new_empty((sa.shape[0], y.shape[0], W.shape[1])),
         "noise_inject_backward": lambda gz, W, y, sa, s1m, seed: (torch.empty_like(W), torch.empty_like(sa),
                                                                   torch.empty_like(s1m)),
-        "local_loss": lambda logits, W, y, weight: _f32(logits),
-        "local_loss_backward": lambda gl, logits, W, y, weight: (torch.empty_like(logits), torch.empty_like(W),
-                                                                 torch.empty_like(weight)),
-        "denoise_step": lambda logits, W, z_prev, a, b, sqrt_c, seed: torch.empty_like(z_prev),
+        "local_loss": lambda logits, W, y, weight, offset=None, softmax=True: _f32(logits),
+        "local_loss_backward": lambda gl, logits, W, y, weight, offset=None, softmax=True: (
+            torch.empty_like(logits), torch.empty_like(W), torch.empty_like(weight)),
+        "denoise_step": lambda logits, W, z_prev, a, b, sqrt_c, seed, softmax=True: torch.empty_like(z_prev),
     }
     for name, fn in fakes.items():
         torch.library.register_fake(f"noprop_cuda::{name}", fn)
@@ -262,16 +262,16 @@ def noise_inject_backward(grad_z, W, y, sqrt_abar, sqrt_one_minus_abar, seed):
     return _call("noise_inject_backward")(grad_z, W, y, sqrt_abar, sqrt_one_minus_abar, seed)
 
 
-def local_loss(logits, W, y, weight):
+def local_loss(logits, W, y, weight, offset=None, softmax=True):
     """loss [K] float32; see noprop.ops.eager.local_loss."""
-    return _call("local_loss")(logits, W, y, weight)
+    return _call("local_loss")(logits, W, y, weight, offset, bool(softmax))
 
 
-def local_loss_backward(grad_loss, logits, W, y, weight):
+def local_loss_backward(grad_loss, logits, W, y, weight, offset=None, softmax=True):
     """(dlogits, dW, dweight); see noprop.ops.eager.local_loss_backward."""
-    return _call("local_loss_backward")(grad_loss, logits, W, y, weight)
+    return _call("local_loss_backward")(grad_loss, logits, W, y, weight, offset, bool(softmax))
 
 
-def denoise_step(logits, W, z_prev, a, b, sqrt_c, seed):
+def denoise_step(logits, W, z_prev, a, b, sqrt_c, seed, softmax=True):
     """z_next [B, d] (z_prev's dtype); see noprop.ops.eager.denoise_step."""
-    return _call("denoise_step")(logits, W, z_prev, float(a), float(b), float(sqrt_c), seed)
+    return _call("denoise_step")(logits, W, z_prev, float(a), float(b), float(sqrt_c), seed, bool(softmax))

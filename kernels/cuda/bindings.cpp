@@ -14,11 +14,13 @@ TORCH_LIBRARY(noprop_cuda, m) {
   m.def(
       "noise_inject_backward(Tensor grad_z, Tensor W, Tensor y, Tensor sqrt_abar, Tensor sqrt_one_minus_abar, "
       "Tensor seed) -> (Tensor, Tensor, Tensor)");
-  m.def("local_loss(Tensor logits, Tensor W, Tensor y, Tensor weight) -> Tensor");
+  m.def("local_loss(Tensor logits, Tensor W, Tensor y, Tensor weight, Tensor? offset=None, bool softmax=True) -> Tensor");
   m.def(
-      "local_loss_backward(Tensor grad_loss, Tensor logits, Tensor W, Tensor y, Tensor weight) "
-      "-> (Tensor, Tensor, Tensor)");
-  m.def("denoise_step(Tensor logits, Tensor W, Tensor z_prev, float a, float b, float sqrt_c, Tensor seed) -> Tensor");
+      "local_loss_backward(Tensor grad_loss, Tensor logits, Tensor W, Tensor y, Tensor weight, Tensor? offset=None, "
+      "bool softmax=True) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "denoise_step(Tensor logits, Tensor W, Tensor z_prev, float a, float b, float sqrt_c, Tensor seed, "
+      "bool softmax=True) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(noprop_cuda, CUDA, m) {

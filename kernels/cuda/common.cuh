@@ -135,6 +135,18 @@ __device__ __forceinline__ void warp_softmax_to_smem(const L* row, int64_t m, fl
   __syncwarp();
 }
 
+// The denoiser's activation of one row into shared memory: softmax (DT, CT) or a plain float32 copy
+// of the logits (FM's velocity, softmax = false). The warp is synchronised afterwards.
+template <typename L>
+__device__ __forceinline__ void warp_activation_to_smem(const L* row, int64_t m, float* p, int lane, bool softmax) {
+  if (softmax) {
+    warp_softmax_to_smem(row, m, p, lane);
+    return;
+  }
+  for (int64_t c = lane; c < m; c += kWarp) p[c] = to_f32(row[c]);
+  __syncwarp();
+}
+
 // Warps per block for the row kernels, given the per-warp shared-memory row length in floats.
 inline int warps_for_row(int64_t row_floats) {
   int64_t w = (16 * 1024) / (row_floats * static_cast<int64_t>(sizeof(float)));

@@ -1,6 +1,7 @@
 // noprop_cuda::denoise_step (semantics: noprop/ops/eager.py): one label-free inference step
-// z_next = a · softmax(logits) · W + b · z_prev + sqrt_c · ε, ε[b, j] drawn at Philox offset b·d + j.
-// One warp per sample: the softmax row lives in shared memory, lanes run over d.
+// z_next = a · act(logits) · W + b · z_prev + sqrt_c · ε, ε[b, j] drawn at Philox offset b·d + j;
+// act = softmax, or the identity when softmax is off (FM's Euler step z + h·v: a = h, b = 1).
+// One warp per sample: the activated row lives in shared memory, lanes run over d.
 #include "common.cuh"
 #include "ops.h"
 
@@ -10,8 +11,8 @@ namespace {
 template <typename L, typename Z>
 __global__ void denoise_step_kernel(const L* __restrict__ logits, const float* __restrict__ W,
                                     const Z* __restrict__ z_prev, float a, float bcoef, float sqrt_c,
-                                    const int64_t* __restrict__ seed_ptr, Z* __restrict__ z_next, int64_t B,
-                                    int64_t m, int64_t d) {
+                                    const int64_t* __restrict__ seed_ptr, bool softmax, Z* __restrict__ z_next,
+                                    int64_t B, int64_t m, int64_t d) {
   extern __shared__ float smem[];
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
@@ -21,7 +22,7 @@ __global__ void denoise_step_kernel(const L* __restrict__ logits, const float* _
   const uint64_t seed = noisy ? static_cast<uint64_t>(*seed_ptr) : 0u;
   for (int64_t row = blockIdx.x * warps_per_block + warp; row < B;
        row += static_cast<int64_t>(gridDim.x) * warps_per_block) {
-    warp_softmax_to_smem(logits + row * m, m, p, lane);
+    warp_activation_to_smem(logits + row * m, m, p, lane, softmax);
     for (int64_t j = lane; j < d; j += kWarp) {
       float u = 0.f;
       for (int64_t c = 0; c < m; ++c) u += p[c] * W[c * d + j];
@@ -39,7 +40,7 @@ constexpr int64_t kMaxSmemFloats = 48 * 1024 / sizeof(float);
 }  // namespace
 
 at::Tensor denoise_step(const at::Tensor& logits_in, const at::Tensor& W, const at::Tensor& z_prev_in, double a,
-                        double b, double sqrt_c, const at::Tensor& seed) {
+                        double b, double sqrt_c, const at::Tensor& seed, bool softmax) {
   constexpr const char* op = "noprop_cuda::denoise_step";
   check_cuda_float(logits_in, op, "logits", 2);
   check_cuda_float(W, op, "W", 2);
@@ -68,8 +69,8 @@ at::Tensor denoise_step(const at::Tensor& logits_in, const at::Tensor& W, const 
     NOPROP_DISPATCH_FLOAT(z_prev.scalar_type(), "noprop_cuda::denoise_step", [&] {
       denoise_step_kernel<logit_t, scalar_t><<<grid_for(B, warps), warps * kWarp, smem, stream>>>(
           logits.data_ptr<logit_t>(), W32.data_ptr<float>(), z_prev.data_ptr<scalar_t>(), static_cast<float>(a),
-          static_cast<float>(b), static_cast<float>(sqrt_c), seed.data_ptr<int64_t>(), z_next.data_ptr<scalar_t>(), B,
-          m, d);
+          static_cast<float>(b), static_cast<float>(sqrt_c), seed.data_ptr<int64_t>(), softmax, z_next.data_ptr<scalar_t>(),
+          B, m, d);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -1,7 +1,8 @@
 // noprop_cuda::local_loss and its backward (semantics: noprop/ops/eager.py).
 //
-// One warp per row (k, b): softmax(logits[k, b]) goes to shared memory, the residual
-// r = p·W − W[y_b] is formed column by column (lanes over d, W read coalesced, float32 throughout).
+// One warp per row (k, b): p = softmax(logits[k, b]) (or the logits themselves when softmax is off:
+// FM's velocity) goes to shared memory, the residual r = p·W − W[y_b] + offset[b] (offset optional)
+// is formed column by column (lanes over d, W read coalesced, float32 throughout).
 // The forward reduces rows to loss[k] with a deterministic ATen mean. The backward writes dlogits
 // directly and, for dW = Σ_rows (p − onehot(y))ᵀ · (coef · r), two float32 scratch matrices that one
 // cuBLAS GEMM contracts (deterministic, no atomics on the tiny [m, d] output).
@@ -15,7 +16,8 @@ namespace {
 template <typename L>
 __global__ void local_loss_kernel(const L* __restrict__ logits, const float* __restrict__ W,
                                   const int64_t* __restrict__ y, const float* __restrict__ weight, bool w_per_sample,
-                                  float* __restrict__ row_out, int64_t K, int64_t B, int64_t m, int64_t d) {
+                                  const float* __restrict__ offset, bool softmax, float* __restrict__ row_out,
+                                  int64_t K, int64_t B, int64_t m, int64_t d) {
   extern __shared__ float smem[];
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
@@ -26,13 +28,14 @@ __global__ void local_loss_kernel(const L* __restrict__ logits, const float* __r
        row += static_cast<int64_t>(gridDim.x) * warps_per_block) {
     const int64_t k = row / B;
     const int64_t b = row - k * B;
-    warp_softmax_to_smem(logits + row * m, m, p, lane);
+    warp_activation_to_smem(logits + row * m, m, p, lane, softmax);
     const float* wy = W + safe_label(y, b, m) * d;
+    const float* off = offset == nullptr ? nullptr : offset + b * d;
     float sq = 0.f;
     for (int64_t j = lane; j < d; j += kWarp) {
       float acc = 0.f;
       for (int64_t c = 0; c < m; ++c) acc += p[c] * W[c * d + j];
-      const float r = acc - wy[j];
+      const float r = acc - wy[j] + (off == nullptr ? 0.f : off[j]);
       sq += r * r;
     }
     sq = warp_sum(sq);
@@ -47,7 +50,7 @@ template <typename L>
 __global__ void local_loss_backward_kernel(const float* __restrict__ grad_loss, const L* __restrict__ logits,
                                            const float* __restrict__ W, const int64_t* __restrict__ y,
                                            const float* __restrict__ weight, bool w_per_sample,
-                                           L* __restrict__ dlogits, float* __restrict__ q, float* __restrict__ gr,
+                                           const float* __restrict__ offset, bool softmax, L* __restrict__ dlogits, float* __restrict__ q, float* __restrict__ gr,
                                            float* __restrict__ dweight_rows, int64_t K, int64_t B, int64_t m,
                                            int64_t d) {
   extern __shared__ float smem[];
@@ -63,16 +66,17 @@ __global__ void local_loss_backward_kernel(const float* __restrict__ grad_loss, 
        row += static_cast<int64_t>(gridDim.x) * warps_per_block) {
     const int64_t k = row / B;
     const int64_t b = row - k * B;
-    warp_softmax_to_smem(logits + row * m, m, p, lane);
+    warp_activation_to_smem(logits + row * m, m, p, lane, softmax);
     const int64_t label = safe_label(y, b, m);
     const float* wy = W + label * d;
+    const float* off = offset == nullptr ? nullptr : offset + b * d;
     const float gl = grad_loss[k];
     const float coef = 2.f * inv_B * gl * weight[w_per_sample ? row : k];
     float sq = 0.f;
     for (int64_t j = lane; j < d; j += kWarp) {
       float acc = 0.f;
       for (int64_t c = 0; c < m; ++c) acc += p[c] * W[c * d + j];
-      const float rj = acc - wy[j];
+      const float rj = acc - wy[j] + (off == nullptr ? 0.f : off[j]);
       r[j] = rj;
       sq += rj * rj;
       gr[row * d + j] = coef * rj;
@@ -81,6 +85,7 @@ __global__ void local_loss_backward_kernel(const float* __restrict__ grad_loss, 
     if (lane == 0) dweight_rows[row] = gl * sq * inv_B;
     __syncwarp();  // r complete before every lane reads all of it
     // gp[c] = coef · Σ_j r_j W[c, j] (dL/dp); s = Σ_c gp[c] p[c] (every lane holds the same value).
+    // dlogits = p ⊙ (gp − s) through the softmax, gp itself without it.
     float s = 0.f;
     for (int64_t c = 0; c < m; ++c) {
       float part = 0.f;
@@ -91,7 +96,7 @@ __global__ void local_loss_backward_kernel(const float* __restrict__ grad_loss, 
     }
     __syncwarp();
     for (int64_t c = lane; c < m; c += kWarp) {
-      dlogits[row * m + c] = from_f32<L>(p[c] * (gp[c] - s));
+      dlogits[row * m + c] = from_f32<L>(softmax ? p[c] * (gp[c] - s) : gp[c]);
       q[row * m + c] = p[c] - (c == label ? 1.f : 0.f);
     }
     __syncwarp();  // p, gp, r are overwritten by this warp's next row
@@ -99,13 +104,14 @@ __global__ void local_loss_backward_kernel(const float* __restrict__ grad_loss, 
 }
 
 struct Inputs {
-  at::Tensor logits, W32, y, weight32;
+  at::Tensor logits, W32, y, weight32, offset32;  // offset32 undefined when there is no offset
   int64_t K, B, m, d;
+  const float* offset_ptr() const { return offset32.defined() ? offset32.data_ptr<float>() : nullptr; }
 };
 
-// Checks everything, then converts W and weight to contiguous float32 on logits' device.
+// Checks everything, then converts W, weight and offset to contiguous float32 on logits' device.
 Inputs check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& W, const at::Tensor& y,
-                    const at::Tensor& weight) {
+                    const at::Tensor& weight, const std::optional<at::Tensor>& offset) {
   check_cuda_float(logits, op, "logits", 3);
   check_cuda_float(W, op, "W", 2);
   check_same_device(op, {&logits, &W, &y, &weight});
@@ -115,18 +121,27 @@ Inputs check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& 
               " rows (W must be [m, d])");
   check_labels(y, op, B);
   check_cuda_float(weight, op, "weight", 1, 2);
+  at::Tensor offset32;
+  if (offset.has_value() && offset->defined()) {
+    check_cuda_float(*offset, op, "offset", 2);
+    check_same_device(op, {&logits, &*offset});
+    TORCH_CHECK(offset->size(0) == B && offset->size(1) == W.size(1), op, ": offset must have shape [B, d] = [", B,
+                ", ", W.size(1), "], got ", offset->sizes());
+    offset32 = offset->to(at::kFloat).contiguous();
+  }
   const c10::cuda::CUDAGuard guard(logits.device());
   return {logits.contiguous(), W.to(at::kFloat).contiguous(), y.to(at::kLong).contiguous(),
-          coefficient_f32(weight, op, "weight", K, B), K, B, m, W.size(1)};
+          coefficient_f32(weight, op, "weight", K, B), offset32, K, B, m, W.size(1)};
 }
 
 constexpr int64_t kMaxSmemFloats = 48 * 1024 / sizeof(float);  // default dynamic shared-memory limit
 
 }  // namespace
 
-at::Tensor local_loss(const at::Tensor& logits, const at::Tensor& W, const at::Tensor& y, const at::Tensor& weight) {
+at::Tensor local_loss(const at::Tensor& logits, const at::Tensor& W, const at::Tensor& y, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& offset, bool softmax) {
   constexpr const char* op = "noprop_cuda::local_loss";
-  const Inputs in = check_inputs(op, logits, W, y, weight);
+  const Inputs in = check_inputs(op, logits, W, y, weight, offset);
   const c10::cuda::CUDAGuard guard(logits.device());
   TORCH_CHECK(in.m <= kMaxSmemFloats, op, ": the CUDA kernel handles at most ", kMaxSmemFloats,
               " classes, got m = ", in.m, " (use NOPROP_BACKEND=triton or eager)");
@@ -137,7 +152,8 @@ at::Tensor local_loss(const at::Tensor& logits, const at::Tensor& W, const at::T
   NOPROP_DISPATCH_FLOAT(in.logits.scalar_type(), "noprop_cuda::local_loss", [&] {
     local_loss_kernel<scalar_t><<<grid_for(in.K * in.B, warps), warps * kWarp, smem, stream>>>(
         in.logits.data_ptr<scalar_t>(), in.W32.data_ptr<float>(), in.y.data_ptr<int64_t>(),
-        in.weight32.data_ptr<float>(), in.weight32.dim() == 2, rows.data_ptr<float>(), in.K, in.B, in.m, in.d);
+        in.weight32.data_ptr<float>(), in.weight32.dim() == 2, in.offset_ptr(), softmax, rows.data_ptr<float>(), in.K,
+        in.B, in.m, in.d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return rows.mean(1);
@@ -145,9 +161,11 @@ at::Tensor local_loss(const at::Tensor& logits, const at::Tensor& W, const at::T
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> local_loss_backward(const at::Tensor& grad_loss,
                                                                    const at::Tensor& logits, const at::Tensor& W,
-                                                                   const at::Tensor& y, const at::Tensor& weight) {
+                                                                   const at::Tensor& y, const at::Tensor& weight,
+                                                                   const std::optional<at::Tensor>& offset,
+                                                                   bool softmax) {
   constexpr const char* op = "noprop_cuda::local_loss_backward";
-  const Inputs in = check_inputs(op, logits, W, y, weight);
+  const Inputs in = check_inputs(op, logits, W, y, weight, offset);
   const c10::cuda::CUDAGuard guard(logits.device());
   check_cuda_float(grad_loss, op, "grad_loss", 1);
   check_same_device(op, {&logits, &grad_loss});
@@ -168,7 +186,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_loss_backward(const at::Ten
   NOPROP_DISPATCH_FLOAT(in.logits.scalar_type(), "noprop_cuda::local_loss_backward", [&] {
     local_loss_backward_kernel<scalar_t><<<grid_for(in.K * in.B, warps), warps * kWarp, smem, stream>>>(
         gl.data_ptr<float>(), in.logits.data_ptr<scalar_t>(), in.W32.data_ptr<float>(), in.y.data_ptr<int64_t>(),
-        in.weight32.data_ptr<float>(), in.weight32.dim() == 2, dlogits.data_ptr<scalar_t>(), q.data_ptr<float>(),
+        in.weight32.data_ptr<float>(), in.weight32.dim() == 2, in.offset_ptr(), softmax, dlogits.data_ptr<scalar_t>(),
+        q.data_ptr<float>(),
         gr.data_ptr<float>(), dweight_rows.data_ptr<float>(), in.K, in.B, in.m, in.d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

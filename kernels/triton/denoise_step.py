@@ -1,6 +1,7 @@
 """Triton kernel for `noprop::denoise_step` (inference, paper Eq. 3):
 
-z_next[b, j] = a · (softmax(logits[b]) · W)[j] + b · z_prev[b, j] + sqrt_c · ε[b, j],
+z_next[b, j] = a · (act(logits[b]) · W)[j] + b · z_prev[b, j] + sqrt_c · ε[b, j],
+act = softmax (SOFTMAX; DT/CT) or the identity (FM's Euler step: a = h, b = 1, sqrt_c = 0),
 ε[b, j] = tl.randn(seed, b·d + j) (int64 counter, the eager reference's draws); sqrt_c = 0 skips
 the noise.
 
@@ -18,7 +19,7 @@ from ._launch import dot_tiles, on_device
 
 @triton.jit
 def _denoise_step(logits_ptr, W_ptr, z_ptr, out_ptr, seed_ptr, a, b, sqrt_c, B, m, d,
-                  BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                  BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SOFTMAX: tl.constexpr):
     # One program: BLOCK_B rows; the softmax is computed once and reused for every d-tile.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     row_ok = rows < B
@@ -26,9 +27,12 @@ def _denoise_step(logits_ptr, W_ptr, z_ptr, out_ptr, seed_ptr, a, b, sqrt_c, B, 
     cls_ok = cls < m
     x = tl.load(logits_ptr + rows[:, None] * m + cls[None, :], mask=row_ok[:, None] & cls_ok[None, :],
                 other=0.0).to(tl.float32)
-    x = tl.where(cls_ok[None, :], x, float("-inf"))  # padded rows load zeros: finite, never NaN
-    e = tl.exp(x - tl.max(x, axis=1)[:, None])
-    p = e / tl.sum(e, axis=1)[:, None]
+    if SOFTMAX:
+        x = tl.where(cls_ok[None, :], x, float("-inf"))  # padded rows load zeros: finite, never NaN
+        e = tl.exp(x - tl.max(x, axis=1)[:, None])
+        p = e / tl.sum(e, axis=1)[:, None]
+    else:
+        p = x  # padded classes loaded as 0: they add nothing to p · W
     seed = tl.load(seed_ptr)
     for d0 in range(0, d, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
@@ -44,7 +48,7 @@ def _denoise_step(logits_ptr, W_ptr, z_ptr, out_ptr, seed_ptr, a, b, sqrt_c, B, 
         tl.store(out_ptr + offs, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def denoise_step(logits, W, z_prev, a: float, b: float, sqrt_c: float, seed):
+def denoise_step(logits, W, z_prev, a: float, b: float, sqrt_c: float, seed, softmax: bool = True):
     """logits: [B, m]; W: [m, d]; z_prev: [B, d]; seed: int64 [1] -> z_next: [B, d] like z_prev."""
     B, m = logits.shape
     d = W.shape[1]
@@ -53,5 +57,5 @@ def denoise_step(logits, W, z_prev, a: float, b: float, sqrt_c: float, seed):
     with on_device(z_prev):
         _denoise_step[(triton.cdiv(B, block_b),)](logits, W, z_prev, out, seed, float(a), float(b), float(sqrt_c),
                                                   B, m, d, BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_D=block_d,
-                                                  num_warps=warps)
+                                                  SOFTMAX=bool(softmax), num_warps=warps)
     return out

@@ -13,7 +13,9 @@ NoProp-CT (t = 0 noise, t = 1 clean; learnable `CTSchedule`):
 NoProp-FM:
     z_t = t·u_y + (1 − t)·z_0 + σ·ε,  v = logits·W (no softmax),  loss = ‖v − (u_y − z_0)‖²
     (+ CE on z̃_1 = z_t + (1 − t)·v when W is learned). Inference: N Euler steps of dz/dt = v
-    from z_0 ~ N(0, I); ŷ = the class whose embedding is nearest z_1.
+    from z_0 ~ N(0, I); ŷ = the class whose embedding is nearest z_1. The same fused ops as CT:
+    `noise_inject` (z_t and z_0 from one seed), `local_loss(softmax=False, offset=z_0)` and
+    `denoise_step(softmax=False)` as the Euler step.
 """
 from __future__ import annotations
 
@@ -230,27 +232,30 @@ class NoPropFM(_Continuous):
         return -(z.pow(2).sum(-1, keepdim=True) - 2 * z @ W.T + W.pow(2).sum(-1))
 
     def velocity(self, x, feats, z, t):
+        """v(z_t, x, t) = logits·W [B, d] (feats: `net.features(x)` or None). Training and the Euler
+        chain never form it: the fused ops take the logits (softmax=False) instead."""
         return self._logits(x, feats, z, t) @ self.embedding.weight
 
     def losses(self, x: torch.Tensor, y: torch.Tensor) -> ContinuousLosses:
         """‖v(z_t, x, t) − (u_y − z_0)‖² (sum over d, mean over the batch) [+ CE on z̃_1]."""
         self._check_batch(x, y)
         W = self.embedding.weight
-        B, d = x.shape[0], W.shape[1]
-        # FOLLOW-UP: the fused ops have no softmax-free variant yet (noise_inject could give z_t but
-        # the target needs z_0, and local_loss/denoise_step apply softmax), so the FM path, loss and
-        # Euler step are eager torch for now; move them into noprop.ops once such variants exist.
+        B = x.shape[0]
         t = torch.rand(B, device=x.device)
-        u = W[y]
-        z0 = torch.randn(B, d, device=x.device, dtype=W.dtype)
         tc = t[:, None].to(W.dtype)
-        zt = tc * u + (1 - tc) * z0
+        # The path through the fused ops: noise_inject with per-sample coefficients (t, 1 − t) gives
+        # z_t = t·u_y + (1 − t)·z_0 and, from the same seed, z_0 itself; local_loss without softmax
+        # and with offset z_0 is ‖logits·W − (u_y − z_0)‖², so v = logits·W is never materialised.
+        zt, z0 = noise_inject(W, y, tc.T.contiguous(), (1 - tc).T.contiguous(), new_seed(W.device),
+                              return_eps=True)
+        zt, z0 = zt[0], z0[0]
         if self.sigma > 0:
             zt = zt + self.sigma * torch.randn_like(zt)
-        v = self.velocity(x, None, zt, t)
-        fm = (v - (u - z0)).pow(2).sum(-1).mean()
+        logits = self._logits(x, None, zt, t)
+        fm = local_loss(logits[None].contiguous(), W, y, W.new_ones(1), offset=z0, softmax=False)[0]
         zero = fm.new_zeros(())
         if self.embedding.trainable:
+            v = logits @ W
             ce = F.cross_entropy(self.class_logits(zt + (1 - tc) * v, W), y)
         else:
             ce = zero
@@ -265,10 +270,11 @@ class NoPropFM(_Continuous):
         B = x.shape[0]
         z = _initial_z(B, W, z0, generator)
         feats = self._features(x)
-        h = 1.0 / N
+        no_noise = torch.zeros(1, dtype=torch.int64, device=W.device)  # sqrt_c = 0: the seed is never read
         for i in range(N):
             t = torch.full((B,), i / N, device=x.device)
-            z = z + h * self.velocity(x, feats, z, t)  # FOLLOW-UP: fused softmax-free step
+            logits = self._logits(x, feats, z, t).contiguous()
+            z = denoise_step(logits, W, z, 1.0 / N, 1.0, 0.0, no_noise, softmax=False)  # z + h·logits·W
         return z
 
     @torch.no_grad()

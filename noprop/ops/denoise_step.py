@@ -1,7 +1,9 @@
 """`noprop::denoise_step`: one label-free inference step z_{t-1} -> z_t (paper Eq. 3).
 
-z_next = a · softmax(logits) · W + b · z_prev + sqrt_c · ε. Inference only (no autograd).
-sqrt_c = 0 gives the mean (noise-free) chain. ε[b, j] uses counter b·d + j of `seed`.
+z_next = a · act(logits) · W + b · z_prev + sqrt_c · ε. Inference only (no autograd).
+act = softmax (DT/CT) or the identity (softmax=False: FM's Euler step z + h·v with v = logits·W,
+a = h, b = 1, sqrt_c = 0). sqrt_c = 0 gives the mean (noise-free) chain. ε[b, j] uses counter
+b·d + j of `seed`.
 """
 from __future__ import annotations
 
@@ -30,23 +32,24 @@ def _check(logits, W, z_prev, seed):
 
 @torch.library.custom_op("noprop::denoise_step", mutates_args=())
 def _denoise_step(logits: Tensor, W: Tensor, z_prev: Tensor, a: float, b: float, sqrt_c: float,
-                  seed: Tensor) -> Tensor:
+                  seed: Tensor, softmax: bool = True) -> Tensor:
     _check(logits, W, z_prev, seed)
-    return dispatch.implementation("denoise_step", z_prev.device)(logits, W, z_prev, a, b, sqrt_c, seed)
+    return dispatch.implementation("denoise_step", z_prev.device)(logits, W, z_prev, a, b, sqrt_c, seed, softmax)
 
 
 @_denoise_step.register_fake
-def _(logits, W, z_prev, a, b, sqrt_c, seed):
+def _(logits, W, z_prev, a, b, sqrt_c, seed, softmax=True):
     _check(logits, W, z_prev, seed)  # also runs when any input is on meta
     return torch.empty_like(z_prev)
 
 
 def denoise_step(logits: Tensor, W: Tensor, z_prev: Tensor, a: float, b: float, sqrt_c: float,
-                 seed: Tensor | None = None) -> Tensor:
+                 seed: Tensor | None = None, softmax: bool = True) -> Tensor:
     """logits: [B, m]; W: [m, d]; z_prev: [B, d]; a, b, sqrt_c: floats; seed: int64 [1].
 
-    Returns z_next: [B, d] in z_prev's dtype.
+    Returns z_next: [B, d] in z_prev's dtype: a · act(logits) · W + b · z_prev + sqrt_c · ε, with
+    act = softmax, or the identity when softmax=False.
     """
     if seed is None:
         seed = new_seed(z_prev.device)
-    return torch.ops.noprop.denoise_step(logits, W, z_prev, float(a), float(b), float(sqrt_c), seed)
+    return torch.ops.noprop.denoise_step(logits, W, z_prev, float(a), float(b), float(sqrt_c), seed, bool(softmax))

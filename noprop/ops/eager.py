@@ -11,8 +11,9 @@ import torch
 from .philox import philox_randn
 
 
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any (non-None) input is float64, else float32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _per_sample(coef: torch.Tensor, K: int, B: int, dtype) -> torch.Tensor:
@@ -53,34 +54,50 @@ def noise_inject_backward(grad_z, W, y, sqrt_abar, sqrt_one_minus_abar, seed):
     return dW.to(W.dtype), d_sa.to(sqrt_abar.dtype), d_s1m.to(sqrt_one_minus_abar.dtype)
 
 
-def _residual(logits, W, y, ct):
-    p = torch.softmax(logits.to(ct), dim=-1)  # [K, B, m]
+def _activation(logits, ct, softmax: bool):
+    """softmax(logits) (the DT/CT denoiser's class probabilities) or the raw logits (FM's velocity)."""
+    x = logits.to(ct)
+    return torch.softmax(x, dim=-1) if softmax else x
+
+
+def _residual(logits, W, y, ct, offset, softmax):
+    """(p [K, B, m], W in ct, r [K, B, d] = p · W − (W[y] − offset))."""
+    p = _activation(logits, ct, softmax)
     Wc = W.to(ct)
-    return p, Wc, p @ Wc - Wc[y]  # r: [K, B, d]
+    r = p @ Wc - Wc[y]
+    if offset is not None:
+        r = r + offset.to(ct)
+    return p, Wc, r
 
 
 def _weights(weight, K, B, ct):
     return _per_sample(weight, K, B, ct)[..., 0]  # [K, B]
 
 
-def local_loss(logits, W, y, weight):
-    """loss [K] = mean_b weight[k(,b)] · ‖softmax(logits[k, b]) · W − W[y_b]‖² (sum over d)."""
+def local_loss(logits, W, y, weight, offset=None, softmax: bool = True):
+    """loss [K] = mean_b weight[k(,b)] · ‖act(logits[k, b]) · W − (W[y_b] − offset_b)‖² (sum over d).
+
+    act = softmax (default) or identity; offset [B, d] (None = 0) shifts the target, e.g. FM's
+    velocity target u_y − z_0 is offset = z_0 with softmax=False.
+    """
     K, B, _ = logits.shape
-    ct = compute_dtype(logits, W, weight)
-    _, _, r = _residual(logits, W, y, ct)
+    ct = compute_dtype(logits, W, weight, offset)
+    _, _, r = _residual(logits, W, y, ct, offset, softmax)
     loss = (_weights(weight, K, B, ct) * r.pow(2).sum(-1)).mean(1)
     return loss.to(ct)
 
 
-def local_loss_backward(grad_loss, logits, W, y, weight):
-    """(dlogits [K, B, m], dW [m, d], dweight like weight) of local_loss; r is recomputed here."""
+def local_loss_backward(grad_loss, logits, W, y, weight, offset=None, softmax: bool = True):
+    """(dlogits [K, B, m], dW [m, d], dweight like weight) of local_loss; r is recomputed here.
+
+    The offset's own gradient is `local_loss_offset_grad` (rarely needed: FM's z_0 is noise)."""
     K, B, _ = logits.shape
-    ct = compute_dtype(logits, W, weight)
-    p, Wc, r = _residual(logits, W, y, ct)
+    ct = compute_dtype(logits, W, weight, offset)
+    p, Wc, r = _residual(logits, W, y, ct, offset, softmax)
     w = _weights(weight, K, B, ct)
     coef = (2.0 / B) * grad_loss.to(ct)[:, None] * w  # [K, B]
     gp = coef[..., None] * (r @ Wc.T)  # dL/dp: [K, B, m]
-    dlogits = p * (gp - (gp * p).sum(-1, keepdim=True))
+    dlogits = p * (gp - (gp * p).sum(-1, keepdim=True)) if softmax else gp
     gr = coef[..., None] * r  # dL/d(pW): [K, B, d]
     dW = torch.einsum("kbm,kbd->md", p, gr)
     dW = dW.index_add_(0, y, -gr.sum(0))
@@ -90,11 +107,23 @@ def local_loss_backward(grad_loss, logits, W, y, weight):
     return dlogits.to(logits.dtype), dW.to(W.dtype), dweight.to(weight.dtype)
 
 
-def denoise_step(logits, W, z_prev, a: float, b: float, sqrt_c: float, seed):
-    """z_next [B, d] = a · softmax(logits) · W + b · z_prev + sqrt_c · ε (ε: counter b·d + j)."""
+def local_loss_offset_grad(grad_loss, logits, W, y, weight, offset, softmax: bool = True):
+    """d loss / d offset [B, d] = Σ_k (2/B) · grad_loss[k] · weight[k(,b)] · r[k, b] (offset's dtype)."""
+    K, B, _ = logits.shape
+    ct = compute_dtype(logits, W, weight, offset)
+    _, _, r = _residual(logits, W, y, ct, offset, softmax)
+    coef = (2.0 / B) * grad_loss.to(ct)[:, None] * _weights(weight, K, B, ct)
+    return (coef[..., None] * r).sum(0).to(offset.dtype)
+
+
+def denoise_step(logits, W, z_prev, a: float, b: float, sqrt_c: float, seed, softmax: bool = True):
+    """z_next [B, d] = a · act(logits) · W + b · z_prev + sqrt_c · ε (ε: counter b·d + j).
+
+    act = softmax (DT/CT's Eq. 3 step) or identity (FM's Euler step z + h·v: a = h, b = 1, sqrt_c = 0).
+    """
     B, d = z_prev.shape
     ct = compute_dtype(logits, W, z_prev)
-    u_hat = torch.softmax(logits.to(ct), dim=-1) @ W.to(ct)
+    u_hat = _activation(logits, ct, softmax) @ W.to(ct)
     z = a * u_hat + b * z_prev.to(ct)
     if sqrt_c != 0.0:
         z = z + sqrt_c * noise(seed, 1, B, d, ct, z_prev.device)[0]

@@ -52,11 +52,13 @@ def _(grad_z, W, y, sqrt_abar, sqrt_one_minus_abar, seed):
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
+    ctx.backend = dispatch.requested_backend()
 
 
 def _backward(ctx, grad_z):
     W, y, sa, s1m, seed = ctx.saved_tensors
-    dW, d_sa, d_s1m = torch.ops.noprop.noise_inject_backward(grad_z, W, y, sa, s1m, seed)
+    with dispatch.use_backend(ctx.backend):  # autograd's thread does not see the forward's request
+        dW, d_sa, d_s1m = torch.ops.noprop.noise_inject_backward(grad_z, W, y, sa, s1m, seed)
     need = ctx.needs_input_grad
     return (dW if need[0] else None, None, d_sa if need[2] else None, d_s1m if need[3] else None, None)
 
