@@ -27,8 +27,10 @@ def dot_tiles(B: int, m: int, d: int) -> tuple[int, int, int, int]:
     (softmax needs the full row; m <= 128 in practice), the batch is cut in BLOCK_B-row blocks and
     d is walked in BLOCK_D-column tiles inside a program. The fp32 ieee dots run on FMA units and
     hold their operands in registers, so the tiles stay small: compiled for sm_90 (ptxas, Triton
-    3.8), 32 x 32 tiles use <= 128 registers and no spills at m <= 16 with 4 warps, <= 192 at
-    m = 100 with 8 warps; 64-wide tiles spilled kilobytes of stack at m = 100.
+    3.8), 32 x 32 tiles use <= 128 registers and no spills at m <= 16 with 4 warps; 64-wide tiles
+    spilled kilobytes of stack at m = 100. At m = 100 (BLOCK_M = 128, 8 warps) some bf16
+    specializations still spill 0.5-1 KB per thread (`python -m noprop.kernels.triton.compile_check`
+    lists them; bench/results/compile-sm90/); 16-row tiles or 4 warps made it worse there.
     """
     block_m = pow2(m, lo=16)
     block_b = pow2(B, lo=16, hi=32 if block_m <= 128 else 16)

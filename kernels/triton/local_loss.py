@@ -8,8 +8,8 @@ rows' softmax once (the whole class row is one tile) and walks d in BLOCK_D tile
 by tile with tl.dot. The backward recomputes r the same way instead of saving it.
 
 Memory traffic (elt = bytes of the logits' dtype; W is m·d and stays in L2):
-  forward   reads K·B·m·elt (logits) + K·B·4 (weights) [+ K·B·d·elt (offset, re-read per block)],
-            writes K·nb·4 partial sums.
+  forward   reads K·B·m·elt (logits) + K·B·4 (weights) [with an offset: + K·B·d·4, the fp32
+            target W[y] − offset re-read per block, formed once by the launcher], writes K·nb·4.
   backward  rows kernel: reads K·B·m·elt, writes K·B·m·elt (dlogits) + K·B·4 (dweight rows);
             dW kernel: reads K·B·m·elt again per d-tile (n_dtiles ≈ d/32 re-reads of the small
             logits, not of anything [K, B, d]) and writes S·m·d·4 split partials of dW.
@@ -33,11 +33,11 @@ def _activation_rows(logits_ptr, k, rows, row_ok, cls, cls_ok, B, m, SOFTMAX: tl
     classes, finite in padded rows (they load zeros, so no -inf - -inf = NaN)."""
     x = tl.load(logits_ptr + (k * B + rows)[:, None] * m + cls[None, :],
                 mask=row_ok[:, None] & cls_ok[None, :], other=0.0).to(tl.float32)
-    if not SOFTMAX:
-        return x
-    x = tl.where(cls_ok[None, :], x, float("-inf"))
-    e = tl.exp(x - tl.max(x, axis=1)[:, None])
-    return e / tl.sum(e, axis=1)[:, None]
+    if SOFTMAX:
+        x = tl.where(cls_ok[None, :], x, float("-inf"))
+        e = tl.exp(x - tl.max(x, axis=1)[:, None])
+        x = e / tl.sum(e, axis=1)[:, None]
+    return x
 
 
 @triton.jit
@@ -48,13 +48,13 @@ def _residual_tile(p, W_ptr, off_ptr, lab, rows, row_ok, cls, cls_ok, d0, d,
     col_ok = cols < d
     Wt = tl.load(W_ptr + cls[:, None] * d + cols[None, :], mask=cls_ok[:, None] & col_ok[None, :],
                  other=0.0).to(tl.float32)
-    u = tl.load(W_ptr + lab[:, None] * d + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                other=0.0).to(tl.float32)
-    r = tl.dot(p, Wt, input_precision="ieee") - u
-    if HAS_OFFSET:
-        r += tl.load(off_ptr + rows[:, None] * d + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                     other=0.0).to(tl.float32)
-    return r, Wt
+    if HAS_OFFSET:  # the launcher's per-sample target W[y] − offset (fp32 [B, d])
+        target = tl.load(off_ptr + rows[:, None] * d + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                         other=0.0)
+    else:
+        target = tl.load(W_ptr + lab[:, None] * d + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                         other=0.0).to(tl.float32)
+    return tl.dot(p, Wt, input_precision="ieee") - target, Wt
 
 
 @triton.jit
@@ -153,10 +153,13 @@ def _strides(weight: torch.Tensor, B: int) -> tuple[int, int]:
     return (1, 0) if weight.ndim == 1 else (B, 1)
 
 
-def _variant(logits, offset, softmax: bool) -> dict:
-    """The offset pointer (logits as a never-read stand-in when there is none) and the constexpr flags."""
-    return dict(off=logits if offset is None else offset,
-                flags=dict(SOFTMAX=bool(softmax), HAS_OFFSET=offset is not None))
+def _variant(logits, W, y, offset, softmax: bool) -> dict:
+    """The target pointer and the constexpr flags. With an offset the kernels read the per-sample
+    target W[y] − offset, formed here in fp32 ([B, d], one small gather), instead of gathering W[y]
+    and adding the offset tile by tile: two loads into the residual made ptxas spill kilobytes at
+    m = 100 (sm_90, Triton 3.8; see compile_check). Without one, logits stand in, never read."""
+    target = logits if offset is None else (W.float()[y] - offset.float()).contiguous()
+    return dict(off=target, flags=dict(SOFTMAX=bool(softmax), HAS_OFFSET=offset is not None))
 
 
 def local_loss(logits, W, y, weight, offset=None, softmax: bool = True):
@@ -167,7 +170,7 @@ def local_loss(logits, W, y, weight, offset=None, softmax: bool = True):
     block_b, block_m, block_d, warps = dot_tiles(B, m, d)
     nb = triton.cdiv(B, block_b)
     part = torch.empty((K, nb), dtype=torch.float32, device=logits.device)
-    v = _variant(logits, offset, softmax)
+    v = _variant(logits, W, y, offset, softmax)
     with on_device(logits):
         _local_loss_fwd[(K, nb)](logits, W, y, weight, v["off"], part, B, m, d, *_strides(weight, B), nb,
                                  BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps, **v["flags"])
@@ -191,7 +194,7 @@ def local_loss_backward(grad_loss, logits, W, y, weight, offset=None, softmax: b
     dw_rows = torch.empty((K, B), dtype=torch.float32, device=dev)
     part = torch.empty((splits, block_m, d), dtype=torch.float32, device=dev)
     strides = _strides(weight, B)
-    v = _variant(logits, offset, softmax)
+    v = _variant(logits, W, y, offset, softmax)
     with on_device(logits):
         _local_loss_bwd_rows[(K, nb)](grad_loss, logits, W, y, weight, v["off"], dlogits, dw_rows, B, m, d,
                                       *strides, BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_D=block_d,
