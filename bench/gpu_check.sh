@@ -100,14 +100,26 @@ step info-before-build 60 "${NOPROP[@]}" info
 
 # 2. the CUDA extension and the GPU tests --------------------------------------------------------
 if [[ $DRY == 0 ]]; then
+  # The Triton kernel tests need no extension, and Triton compiles every kernel specialization on
+  # first use (~170 of them in these files, one core per process): one pytest process per op file
+  # starts now, in the background, and overlaps the extension build. --maxfail instead of -x: one
+  # rare GPU run should show every broken case, not only the first.
+  TRITON_LIMIT=$(( BUDGET - $(now) - 60 )); (( TRITON_LIMIT > 300 )) && TRITON_LIMIT=300
+  for op in noise_inject local_loss denoise_step; do
+    ( timeout -k 5 "$TRITON_LIMIT" env TRITON_INTERPRET=0 NOPROP_BACKEND=auto "$PYTHON" -m pytest -q --maxfail=10 \
+        -p no:cacheprovider "tests/test_triton_$op.py" > "$OUT/tests-triton-$op.log" 2>&1
+      echo $? > "$OUT/tests-triton-$op.rc" ) &
+  done
   step build-cuda-ext 200 env MAX_JOBS="${MAX_JOBS:-8}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" PYTHON="$PYTHON" bash bench/build_cuda_ext.sh
   step info 60 "${NOPROP[@]}" info
-  # Kernel tests: every op x backend vs the float64 reference, on the GPU. --maxfail instead of -x:
-  # one rare GPU run should show every broken case, not only the first.
+  # The extension's kernels against the float64 reference, dispatch, engine and CUDA-graph tests.
   step tests-gpu 150 env TRITON_INTERPRET=0 NOPROP_BACKEND=auto "$PYTHON" -m pytest -q --maxfail=10 -p no:cacheprovider \
-    tests/test_cuda_ext.py tests/test_triton_noise_inject.py tests/test_triton_local_loss.py \
-    tests/test_triton_denoise_step.py tests/test_dispatch.py tests/test_engine.py tests/test_info.py \
-    tests/test_graphs.py
+    tests/test_cuda_ext.py tests/test_dispatch.py tests/test_engine.py tests/test_info.py tests/test_graphs.py
+  # Collect the background Triton test runs (their logs: tests-triton-<op>.log).
+  step tests-triton "$TRITON_LIMIT" bash -c 'rc=0; for op in noise_inject local_loss denoise_step; do
+      while [[ ! -f "$0/tests-triton-$op.rc" ]]; do sleep 1; done
+      r=$(cat "$0/tests-triton-$op.rc"); echo "== tests/test_triton_$op.py: exit $r"; tail -n 25 "$0/tests-triton-$op.log"
+      (( r != 0 )) && rc=1; done; exit $rc' "$OUT"
 else
   skip build-cuda-ext "GPU-only (dry run)"
   skip tests-gpu "GPU-only (dry run): CPU tests run with python -m pytest tests"

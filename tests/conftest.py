@@ -23,3 +23,22 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def triton_device():
+    """Where the Triton kernel tests run: CPU tensors under TRITON_INTERPRET=1 (CI), CUDA tensors
+    when the kernels are compiled for a GPU (bench/gpu_check.sh runs pytest with TRITON_INTERPRET=0).
+    On CUDA, tensors the tests create land on the GPU through torch's default device."""
+    from noprop import dispatch
+
+    if dispatch.triton_interpreted():
+        yield torch.device("cpu")
+        return
+    if not torch.cuda.is_available():
+        pytest.skip("the Triton kernels run on a GPU, or on CPU tensors under TRITON_INTERPRET=1")
+    torch.set_default_device("cuda")
+    try:
+        yield torch.device("cuda")
+    finally:
+        torch.set_default_device("cpu")

@@ -18,8 +18,8 @@ from noprop.ops.philox import philox_randn
 
 
 @pytest.fixture(autouse=True)
-def _one_thread(one_torch_thread):
-    yield
+def _setup(one_torch_thread, triton_device):
+    yield  # one torch thread; tensors on the device the kernels run on (see conftest)
 
 
 
