@@ -105,10 +105,13 @@ if [[ $DRY == 0 ]]; then
   # starts now, in the background, and overlaps the extension build. --maxfail instead of -x: one
   # rare GPU run should show every broken case, not only the first.
   TRITON_LIMIT=$(( BUDGET - $(now) - 60 )); (( TRITON_LIMIT > 300 )) && TRITON_LIMIT=300
+  (( TRITON_LIMIT < 30 )) && TRITON_LIMIT=30  # `timeout 0` would mean no limit at all
+  rm -f "$OUT"/tests-triton-*.rc "$OUT"/tests-triton-*.log  # a rerun into the same OUT must not read old results
   for op in noise_inject local_loss denoise_step; do
     ( timeout -k 5 "$TRITON_LIMIT" env TRITON_INTERPRET=0 NOPROP_BACKEND=auto "$PYTHON" -m pytest -q --maxfail=10 \
         -p no:cacheprovider "tests/test_triton_$op.py" > "$OUT/tests-triton-$op.log" 2>&1
-      echo $? > "$OUT/tests-triton-$op.rc" ) &
+      echo $? > "$OUT/tests-triton-$op.rc.tmp" && mv "$OUT/tests-triton-$op.rc.tmp" "$OUT/tests-triton-$op.rc"
+    ) > /dev/null 2>&1 &
   done
   step build-cuda-ext 200 env MAX_JOBS="${MAX_JOBS:-8}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" PYTHON="$PYTHON" bash bench/build_cuda_ext.sh
   step info 60 "${NOPROP[@]}" info

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import io
 import json
 import os
 import platform
@@ -389,7 +390,19 @@ def add_ratios(records: list[dict], per_round: dict) -> None:
             rec["saved_ratio_to_backprop"] = rec["saved_mb"] / base["saved_mb"]
 
 
-def run(opts: dict, methods, modes, executions, log=print) -> list[dict]:
+def _records(cases, per_round: dict, opts: dict, env: dict) -> list[dict]:
+    """Summaries of the cases measured so far (at least one round), with their ratios to backprop."""
+    records = [summarise(c, per_round[c.label], opts, env) for c in cases if per_round[c.label]]
+    add_ratios(records, per_round)
+    return records
+
+
+def run(opts: dict, methods, modes, executions, log=print, on_progress=None) -> list[dict]:
+    """Every case, `repeats` rounds, side by side; returns one summary record per case.
+
+    on_progress(records), when given, is called after every measured case with the summaries so
+    far, so a run cut short (a time limit, Ctrl-C) still leaves its results behind.
+    """
     device = torch.device(opts["device"])
     env = environment(device, opts["threads"])
     cases, notes = plan(methods, modes, executions, opts["T"], opts["chunk_size"], opts.get("cuda_graph", False))
@@ -415,9 +428,9 @@ def run(opts: dict, methods, modes, executions, log=print) -> list[dict]:
                 f"{res['ms_per_step']:8.1f} ms/step {opts['batch'] * 1e3 / res['ms_per_step']:8.1f} samples/s " \
                 f"peak {res['peak_mem_mb']:7.0f} MB" + (f" saved {res['saved_mb']:7.1f} MB" if "saved_mb" in res else "")
             log(f"[{done:>2}/{n}] round {r + 1} {case.label:<22} {what}  ({time.perf_counter() - t0:.0f} s)")
-    records = [summarise(c, per_round[c.label], opts, env) for c in cases]
-    add_ratios(records, per_round)
-    return records
+            if on_progress is not None and done < n:
+                on_progress(_records(cases, per_round, opts, env))
+    return _records(cases, per_round, opts, env)
 
 
 def table(records: list[dict]) -> str:
@@ -460,18 +473,26 @@ def _rounded(v):
     return v
 
 
+def _write_atomically(path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_outputs(records: list[dict], json_path=None, csv_path=None) -> None:
     records = [{k: _rounded(v) for k, v in r.items()} for r in records]
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(records, indent=1) + "\n")
+        _write_atomically(json_path, json.dumps(records, indent=1) + "\n")
     if csv_path:
-        Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(csv_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            for r in records:
-                w.writerow({k: r.get(k) for k in CSV_COLUMNS})
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in records:
+            w.writerow({k: r.get(k) for k in CSV_COLUMNS})
+        _write_atomically(csv_path, buf.getvalue())
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -545,11 +566,13 @@ def main_args(args) -> int:
           f"device {opts['device']} | batch {opts['batch']} | T {opts['T']} | {opts['warmup']} warmup + "
           f"{opts['steps']} steps x {opts['repeats']} rounds | {opts['threads']} threads | "
           f"{'isolated subprocesses' if opts['isolated'] else 'in-process'}", file=sys.stderr)
-    records = run(opts, methods, modes, executions, log=lambda s: print(s, file=sys.stderr, flush=True))
     json_path, csv_path = args.json, args.csv
     if args.out:
         json_path = json_path or str(Path(args.out) / "bench.json")
         csv_path = csv_path or str(Path(args.out) / "bench.csv")
+    # Outputs are rewritten after every measured case (the cases so far), then once at the end.
+    records = run(opts, methods, modes, executions, log=lambda s: print(s, file=sys.stderr, flush=True),
+                  on_progress=lambda recs: write_outputs(recs, json_path, csv_path))
     write_outputs(records, json_path, csv_path)
     r0 = records[0]
     print(f"\n{r0['device_name']} | torch {r0['torch']} | {opts['threads']} threads | batch {opts['batch']} | "

@@ -154,6 +154,13 @@ def _profile(args) -> int:
 COMMANDS = {"train": _train, "eval": _eval, "info": _info, "bench": _bench, "profile": _profile}
 
 
+# What an interrupted command leaves behind (after "interrupted").
+INTERRUPTED = {
+    "train": " (the last completed epoch's checkpoint is intact; continue with --resume)",
+    "bench": " (--json/--csv/--out hold the cases measured so far)",
+}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from noprop.checkpoint import CheckpointError
@@ -165,8 +172,7 @@ def main(argv=None) -> int:
         print(f"noprop {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"noprop {args.command}: interrupted (the last completed epoch's checkpoint is intact; "
-              "continue with --resume)", file=sys.stderr)
+        print(f"noprop {args.command}: interrupted{INTERRUPTED.get(args.command, '')}", file=sys.stderr)
         return 130
 
 

@@ -41,4 +41,4 @@ def triton_device():
     try:
         yield torch.device("cuda")
     finally:
-        torch.set_default_device("cpu")
+        torch.set_default_device(None)  # None clears the override ("cpu" would leave one set)

@@ -48,6 +48,29 @@ def test_quick_bench_writes_well_formed_records(quick):
     assert lines[0].split(",")[:3] == ["method", "mode", "execution"] and len(lines) == 1 + len(records)
 
 
+def test_a_run_cut_short_leaves_the_cases_measured_so_far(tmp_path, monkeypatch, capsys):
+    # A time limit (gpu_check's timeout) or Ctrl-C in the middle of a bench must not lose its results.
+    calls = []
+
+    def fake_measure(case, opts, saved=True):
+        calls.append(case.label)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the run is killed while measuring its third case
+        ms = 10.0 * len(calls)
+        return {"ms_per_step": ms, "peak_mem_mb": 100.0, "peak_mem_kind": "fake", "rss_base_mb": 50.0,
+                "execution_used": "loop", "saved_mb": 1.0}
+
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    json_path = tmp_path / "b.json"
+    rc = main(["bench", "--quick", "--no-isolate", "--methods", "dt,backprop", "--modes", "parallel,lean",
+               "--json", str(json_path)])
+    assert rc == 130 and "cases measured so far" in capsys.readouterr().err
+    records = json.loads(json_path.read_text())
+    assert [r["label"] for r in records] == calls[:2]
+    assert all(r["ms_per_step"] == 10.0 * (i + 1) for i, r in enumerate(records))
+    assert not list(tmp_path.glob("*.tmp"))  # written through a rename, nothing half-written left
+
+
 def test_saved_bytes_order_lean_chunked_parallel(quick):
     _, records, _ = quick
     saved = {r["mode"]: r["saved_mb"] for r in records if r["method"] == "dt"}

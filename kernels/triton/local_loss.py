@@ -158,7 +158,10 @@ def _variant(logits, W, y, offset, softmax: bool) -> dict:
     target W[y] − offset, formed here in fp32 ([B, d], one small gather), instead of gathering W[y]
     and adding the offset tile by tile: two loads into the residual made ptxas spill kilobytes at
     m = 100 (sm_90, Triton 3.8; see compile_check). Without one, logits stand in, never read."""
-    target = logits if offset is None else (W.float()[y] - offset.float()).contiguous()
+    if offset is None:
+        target = logits
+    else:  # labels clamped like the kernels' own (unchecked while tracing or capturing)
+        target = (W.float()[y.clamp(0, W.shape[0] - 1)] - offset.float()).contiguous()
     return dict(off=target, flags=dict(SOFTMAX=bool(softmax), HAS_OFFSET=offset is not None))
 
 

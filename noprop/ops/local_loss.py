@@ -76,7 +76,8 @@ def _backward(ctx, grad_loss):
     logits, W, y, weight, *rest = ctx.saved_tensors
     offset = rest[0] if ctx.has_offset else None
     # The backend request is per thread, and autograd runs CUDA backwards on its own threads: the
-    # backward follows the request that was active when the forward ran.
+    # backward follows the request that was active when the forward ran. (Under torch.compile this
+    # block only runs while tracing; a compiled backward uses NOPROP_BACKEND / auto.)
     with dispatch.use_backend(ctx.backend):
         dlogits, dW, dweight = torch.ops.noprop.local_loss_backward(grad_loss, logits, W, y, weight, offset,
                                                                     ctx.softmax)
