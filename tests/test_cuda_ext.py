@@ -171,14 +171,11 @@ def test_noise_inject_matches_reference(gpu, dtype, K, B, m, d):
         assert_error_rule(g_, s_, r_, name, who="cuda")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("K,B,m,d", SHAPES)
-def test_local_loss_matches_reference(gpu, dtype, K, B, m, d):
-    per_sample = (B + m) % 2 == 1
-    x, r, _ = _case(K, B, m, d, dtype, per_sample, gpu)
-    args = lambda t: (t["logits"], t["W"], t["y"], t["weight"])  # noqa: E731
+def _check_local_loss(x, r, args):
+    """local_loss and its backward: the extension on the case's inputs x against eager on x (same
+    dtype) and on r (float64), by the error rule. args(t) -> the op's arguments after grad_loss."""
     got = cuda_ext.local_loss(*args(x))
-    assert got.dtype == torch.float32 and got.shape == (K,)
+    assert got.dtype == torch.float32 and got.shape == (x["logits"].shape[0],)
     assert_error_rule(got, eager.local_loss(*args(x)), eager.local_loss(*args(r)), "loss", who="cuda")
     got = cuda_ext.local_loss_backward(x["gl"], *args(x))
     same = eager.local_loss_backward(x["gl"], *args(x))
@@ -186,6 +183,14 @@ def test_local_loss_matches_reference(gpu, dtype, K, B, m, d):
     for name, g_, s_, r_ in zip(("dlogits", "dW", "dweight"), got, same, ref):
         assert g_.shape == s_.shape and g_.dtype == s_.dtype
         assert_error_rule(g_, s_, r_, name, who="cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K,B,m,d", SHAPES)
+def test_local_loss_matches_reference(gpu, dtype, K, B, m, d):
+    per_sample = (B + m) % 2 == 1
+    x, r, _ = _case(K, B, m, d, dtype, per_sample, gpu)
+    _check_local_loss(x, r, lambda t: (t["logits"], t["W"], t["y"], t["weight"]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -207,15 +212,7 @@ def test_denoise_step_matches_reference(gpu, dtype, B, m, d, sqrt_c):
 def test_local_loss_with_offset_and_without_softmax_matches_reference(gpu, dtype, softmax, K, B, m, d):
     # NoProp-FM's loss is the identity variant with offset = z_0; here offset is the [K=0] row of gz.
     x, r, _ = _case(K, B, m, d, dtype, True, gpu)
-    args = lambda t: (t["logits"], t["W"], t["y"], t["weight"], t["gz"][0], softmax)  # noqa: E731
-    got = cuda_ext.local_loss(*args(x))
-    assert_error_rule(got, eager.local_loss(*args(x)), eager.local_loss(*args(r)), "loss", who="cuda")
-    got = cuda_ext.local_loss_backward(x["gl"], *args(x))
-    same = eager.local_loss_backward(x["gl"], *args(x))
-    ref = eager.local_loss_backward(r["gl"], *args(r))
-    for name, g_, s_, r_ in zip(("dlogits", "dW", "dweight"), got, same, ref):
-        assert g_.shape == s_.shape and g_.dtype == s_.dtype
-        assert_error_rule(g_, s_, r_, name, who="cuda")
+    _check_local_loss(x, r, lambda t: (t["logits"], t["W"], t["y"], t["weight"], t["gz"][0], softmax))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
