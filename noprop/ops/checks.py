@@ -2,6 +2,8 @@
 before any kernel runs (a kernel given bad shapes or labels would read out of bounds)."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -34,9 +36,42 @@ def labels(y: torch.Tensor, num_classes: int) -> None:
         raise ValueError("labels y is empty: the batch has no samples")
     if _is_fake(y) or (y.is_cuda and torch.cuda.is_current_stream_capturing()):
         return  # values are unknown while tracing or capturing; kernels clamp indices instead
-    lo, hi = int(y.min()), int(y.max())
+    lo, hi = _label_range(y)
     if lo < 0 or hi >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes - 1}] for {num_classes} classes, got values in [{lo}, {hi}]")
+
+
+# Range of CUDA label tensors already read back, by identity: id -> (weakref, version counter,
+# min, max). Reading a GPU tensor's values stalls the host until the GPU catches up, and one
+# training step hands the same labels to several ops (noise_inject, local_loss); the version counter
+# changes with every in-place write, so a modified tensor is read again.
+_cuda_ranges: dict = {}
+
+
+def _remembers(y: torch.Tensor) -> bool:
+    # CUDA only: reading CPU labels costs no stall, and CPU memory can change behind the version
+    # counter's back (a NumPy array sharing it).
+    return y.is_cuda
+
+
+def _label_range(y: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of the labels, with one device-to-host read (none for CUDA labels seen before)."""
+    try:
+        version = y._version
+    except RuntimeError:  # inference tensors have no version counter: read every time
+        version = None
+    key = id(y)
+    cache = version is not None and _remembers(y)
+    if cache:
+        hit = _cuda_ranges.get(key)
+        if hit is not None and hit[0]() is y and hit[1] == version:
+            return hit[2], hit[3]
+    lo, hi = torch.stack(torch.aminmax(y)).tolist()
+    if cache:
+        if len(_cuda_ranges) >= 64:  # a step's labels; older batches' entries are never hit again
+            _cuda_ranges.clear()
+        _cuda_ranges[key] = (weakref.ref(y), version, lo, hi)
+    return lo, hi
 
 
 def seed(s: torch.Tensor, device: torch.device) -> None:
