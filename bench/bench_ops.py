@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -54,7 +55,8 @@ def make_case(op: str, K: int, B: int, m: int, d: int, dtype: torch.dtype, devic
         if op == "noise_inject":
             return (W, y, sa, s1m, seed), common + 2 * K * 4 + K * B * d * elt
         grad = torch.randn(K, B, d, device=device).to(dtype)
-        return (grad, W, y, sa, s1m, seed), K * B * d * elt + 2 * common + 4 * K * 4
+        # reads grad_z, W, y and the coefficients; writes dW and the coefficient gradients
+        return (grad, W, y, sa, s1m, seed), K * B * d * elt + 2 * m * d * elt + B * 8 + 4 * K * 4
     if op in ("local_loss", "local_loss_backward"):
         logits = torch.randn(K, B, m, device=device).to(dtype)
         weight = torch.rand(K, device=device)
@@ -100,37 +102,49 @@ def run(out_dir: Path | None, dtype: torch.dtype, device: torch.device) -> list[
     except Exception:
         triton_version = None
     rows = []
+    path = None if out_dir is None else out_dir / "bench_ops.json"
+    print(f"device: {name} | copy bandwidth (roofline): {roof:.0f} GB/s | dtype {dtype}")
+    print(f"{'K':>3} {'B':>5} {'m':>4} {'d':>5}  {'op':<22}{'backend':<8}{'ms':>10}{'GB/s':>9}{'of roof':>9}"
+          f"{'x eager':>9}")
+
+    def add(row):  # print it now and rewrite the JSON: a run cut short keeps every row so far
+        rows.append(row)
+        head = f"{row['K']:>3} {row['B']:>5} {row['m']:>4} {row['d']:>5}  {row['op']:<22}{row['backend']:<8}"
+        if "ms" in row:
+            speedup = f"{row['speedup_vs_eager']:>9.2f}" if row.get("speedup_vs_eager") else f"{'-':>9}"
+            print(head + f"{row['ms']:>10.4f}{row['gbs']:>9.1f}{row['fraction_of_roofline']:>9.1%}" + speedup,
+                  flush=True)
+        else:
+            print(head + "  " + row.get("skipped", row.get("error", "")), flush=True)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(rows, indent=1))
+            os.replace(tmp, path)
+
     for K, B, m, d in configs:
         for op in OPS:
             args, nbytes = make_case(op, K, B, m, d, dtype, device)
-            for backend in dispatch.BACKENDS:
+            eager_ms = None
+            for backend in ("eager",) + tuple(b for b in dispatch.BACKENDS if b != "eager"):  # eager first: the base
                 row = dict(op=op, backend=backend, K=K, B=B, m=m, d=d, dtype=str(dtype).removeprefix("torch."),
                            bytes=nbytes, device=name, torch=torch.__version__, triton=triton_version,
                            roofline_gbs=round(roof, 1))
                 reason = backend_reason(backend, device)
                 if reason:
-                    rows.append(dict(row, skipped=reason))
+                    add(dict(row, skipped=reason))
                     continue
                 fn = getattr(backend_module(backend), op)
                 try:
                     ms = time_ms(lambda: fn(*args), device)
                 except Exception as exc:  # report and keep going: one broken backend must not hide the rest
-                    rows.append(dict(row, error=f"{type(exc).__name__}: {exc}"))
+                    add(dict(row, error=f"{type(exc).__name__}: {exc}"))
                     continue
+                eager_ms = ms if backend == "eager" else eager_ms
                 gbs = nbytes / ms / 1e6
-                rows.append(dict(row, ms=round(ms, 5), gbs=round(gbs, 1), fraction_of_roofline=round(gbs / roof, 3)))
-    print(f"device: {name} | copy bandwidth (roofline): {roof:.0f} GB/s | dtype {dtype}")
-    print(f"{'K':>3} {'B':>5} {'m':>4} {'d':>5}  {'op':<22}{'backend':<8}{'ms':>10}{'GB/s':>9}{'of roof':>9}")
-    for r in rows:
-        head = f"{r['K']:>3} {r['B']:>5} {r['m']:>4} {r['d']:>5}  {r['op']:<22}{r['backend']:<8}"
-        if "ms" in r:
-            print(head + f"{r['ms']:>10.4f}{r['gbs']:>9.1f}{r['fraction_of_roofline']:>9.1%}")
-        else:
-            print(head + "  " + r.get("skipped", r.get("error", "")))
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / "bench_ops.json"
-        path.write_text(json.dumps(rows, indent=1))
+                add(dict(row, ms=round(ms, 5), gbs=round(gbs, 1), fraction_of_roofline=round(gbs / roof, 3),
+                         speedup_vs_eager=round(eager_ms / ms, 3) if eager_ms else None))
+    if path is not None:
         print(f"wrote {len(rows)} rows to {path}")
     return rows
 

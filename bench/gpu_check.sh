@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # THE one command for a GPU machine: build, test, benchmark, profile, plot; results in OUTDIR.
 #
-#   bench/gpu_check.sh [--dry-run] [OUTDIR]      (default OUTDIR: bench/results/<device-name-slug>/)
+#   bench/gpu_check.sh [--dry-run] [--pack DEST] [OUTDIR]   (default OUTDIR: bench/results/<device-name-slug>/)
+#
+# On the lent GPU machine (whose tool returns at most 8 files from $OUT): `bash bench/gpu_check.sh
+# --pack "$OUT"`. Results then go to a scratch folder, and after every step DEST receives
+# results.tgz (the whole folder, rewritten atomically), steps.tsv and summary.txt: a run cut short
+# still returns what it measured. Unpack with `tar -xzf results.tgz -C bench/results/<device>/`.
 #
 # Runs from the source tree (PYTHONPATH=repo root) and installs nothing. Every step runs under
 # `timeout`, against a global deadline (GPU_CHECK_BUDGET seconds, default 450, plus a short reserve
@@ -11,13 +16,15 @@
 # with a message, the rest run tiny (noprop bench --quick, a one-step profile) so the script itself
 # is tested end to end. Exit status: 0 if no step failed or timed out, else 1.
 #
-# Env: PYTHON (default python), GPU_CHECK_BUDGET (s), BENCH_REPEATS (default 3), MAX_JOBS /
+# Env: PYTHON (default python3: the interpreter that holds torch on the lent machines),
+# GPU_CHECK_BUDGET (s), BENCH_REPEATS (default 3), MAX_JOBS /
 # TORCH_CUDA_ARCH_LIST for the extension build (default 8 / "9.0": H100/H200 only, to keep it fast).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-PYTHON=${PYTHON:-python}
+export PYTHONUNBUFFERED=1            # a step killed at its time limit still leaves its log
+PYTHON=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-450}      # seconds for the main steps
 RESERVE=25                           # extra seconds kept for plots + summary
 REPEATS=${BENCH_REPEATS:-3}
@@ -25,20 +32,28 @@ unset TRITON_INTERPRET               # real kernels on the GPU (pytest gets TRIT
 
 DRY=0
 OUT=""
-for arg in "$@"; do
-  case "$arg" in
+PACK=""
+while (( $# )); do
+  case "$1" in
     --dry-run|--cpu) DRY=1 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
-    -*) echo "gpu_check: unknown option $arg" >&2; exit 2 ;;
-    *) OUT=$arg ;;
+    --pack) PACK=${2:?--pack needs a folder}; shift ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -*) echo "gpu_check: unknown option $1" >&2; exit 2 ;;
+    *) OUT=$1 ;;
   esac
+  shift
 done
 
 START=$(date +%s)
 now() { echo $(( $(date +%s) - START )); }
 say() { echo "[gpu_check $(printf '%3d' "$(now)")s] $*"; }
 
-if [[ $DRY == 0 ]] && ! timeout 60 "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+if [[ $DRY == 0 ]] && ! probe=$(timeout 60 "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>&1); then
+  if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then
+    # A GPU is there but this Python's torch cannot use it: a dry run would waste the machine.
+    say "nvidia-smi sees a GPU but '$PYTHON' has no CUDA torch (set PYTHON=...): ${probe:-torch.cuda.is_available() is False}"
+    exit 2
+  fi
   say "no CUDA device visible to torch: running the CPU dry run (GPU-only steps are skipped)"
   DRY=1
 fi
@@ -49,6 +64,11 @@ else
 fi
 SLUG=$(echo "$NAME" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g')
 OUT=${OUT:-bench/results/$SLUG}
+if [[ -n $PACK ]]; then
+  mkdir -p "$PACK"
+  PACK=$(cd "$PACK" && pwd)
+  [[ $OUT == "$PACK" || $OUT == bench/results/$SLUG ]] && OUT=$(mktemp -d /tmp/gpu_check.XXXXXX)
+fi
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 SUMMARY="$OUT/steps.tsv"
@@ -56,7 +76,15 @@ printf 'step\tstatus\tseconds\tnote\n' > "$SUMMARY"
 say "device: $NAME | output: $OUT | budget ${BUDGET}s (+${RESERVE}s reserve)"
 
 FAILED=0
+pack() {  # --pack: OUT as one tarball (+ the step table and summary) in PACK, replaced atomically
+  [[ -z $PACK ]] && return 0
+  tar -C "$OUT" -czf "$PACK/results.tgz.tmp" . 2>/dev/null && mv -f "$PACK/results.tgz.tmp" "$PACK/results.tgz"
+  cp -f "$SUMMARY" "$PACK/steps.tsv" 2>/dev/null
+  [[ -f $OUT/summary.log ]] && cp -f "$OUT/summary.log" "$PACK/summary.txt"
+  return 0
+}
 # step NAME LIMIT_S [--final] CMD...: run CMD (output in OUT/NAME.log) under min(LIMIT, time left).
+# SIGINT first (pytest prints its summary, noprop bench keeps its cases so far), SIGKILL 10 s later.
 step() {
   local name=$1 limit=$2; shift 2
   local deadline=$BUDGET
@@ -70,7 +98,7 @@ step() {
   say "$name: running (limit ${limit}s)"
   local t0 rc status
   t0=$(date +%s)
-  timeout -k 5 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout -s INT -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   rc=$?
   case $rc in
     0) status=ok ;;
@@ -80,6 +108,7 @@ step() {
   printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - t0 ))" "$OUT/$name.log" >> "$SUMMARY"
   say "$name: $status in $(( $(date +%s) - t0 ))s"
   if [[ $status != ok ]]; then tail -n 8 "$OUT/$name.log" | sed 's/^/    | /'; fi
+  pack
   return 0
 }
 skip() {  # skip NAME REASON
@@ -108,8 +137,9 @@ if [[ $DRY == 0 ]]; then
   (( TRITON_LIMIT < 30 )) && TRITON_LIMIT=30  # `timeout 0` would mean no limit at all
   rm -f "$OUT"/tests-triton-*.rc "$OUT"/tests-triton-*.log  # a rerun into the same OUT must not read old results
   for op in noise_inject local_loss denoise_step; do
-    ( timeout -k 5 "$TRITON_LIMIT" env TRITON_INTERPRET=0 NOPROP_BACKEND=auto "$PYTHON" -m pytest -q --maxfail=10 \
-        -p no:cacheprovider "tests/test_triton_$op.py" > "$OUT/tests-triton-$op.log" 2>&1
+    ( timeout -s INT -k 10 "$TRITON_LIMIT" env TRITON_INTERPRET=0 NOPROP_BACKEND=auto "$PYTHON" -m pytest -q \
+        --maxfail=10 -o faulthandler_timeout=60 -p no:cacheprovider "tests/test_triton_$op.py" \
+        > "$OUT/tests-triton-$op.log" 2>&1
       echo $? > "$OUT/tests-triton-$op.rc.tmp" && mv "$OUT/tests-triton-$op.rc.tmp" "$OUT/tests-triton-$op.rc"
     ) > /dev/null 2>&1 &
   done
@@ -117,6 +147,7 @@ if [[ $DRY == 0 ]]; then
   step info 60 "${NOPROP[@]}" info
   # The extension's kernels against the float64 reference, dispatch, engine and CUDA-graph tests.
   step tests-gpu 150 env TRITON_INTERPRET=0 NOPROP_BACKEND=auto "$PYTHON" -m pytest -q --maxfail=10 -p no:cacheprovider \
+    -o faulthandler_timeout=60 \
     tests/test_cuda_ext.py tests/test_dispatch.py tests/test_engine.py tests/test_info.py tests/test_graphs.py
   # Collect the background Triton test runs (their logs: tests-triton-<op>.log).
   step tests-triton "$TRITON_LIMIT" bash -c 'rc=0; for op in noise_inject local_loss denoise_step; do
@@ -130,15 +161,17 @@ fi
 
 # 3. benchmarks ----------------------------------------------------------------------------------
 if [[ $DRY == 0 ]]; then
-  step bench-b128 150 "${NOPROP[@]}" bench --device cuda --batch 128 --execution both --repeats "$REPEATS" \
-    --json "$OUT/bench_b128.json" --csv "$OUT/bench_b128.csv"
+  # Most wanted first (a short budget skips the tail): the op roofline, training throughput and
+  # memory against backprop with the CUDA-graph step, the profile; then the rest.
   step bench-ops 90 "$PYTHON" bench/bench_ops.py "$OUT/ops_fp32"
   step bench-b1024 120 "${NOPROP[@]}" bench --device cuda --batch 1024 --execution both --cuda-graph --repeats "$REPEATS" \
     --json "$OUT/bench_b1024.json" --csv "$OUT/bench_b1024.csv"
-  # The same DT step with each op backend (end-to-end effect of the fused kernels).
-  step bench-backends 100 bash -c "for b in eager triton cuda; do echo \"== NOPROP_BACKEND=\$b\"; NOPROP_BACKEND=\$b ${NOPROP[*]} bench --device cuda --batch 1024 --methods dt,backprop --modes parallel,lean --repeats $REPEATS --json '$OUT/bench_backend_'\$b.json || echo \"backend \$b failed\"; done"
-  step bench-ops-bf16 60 "$PYTHON" bench/bench_ops.py "$OUT/ops_bf16" --dtype bfloat16
+  step bench-b128 150 "${NOPROP[@]}" bench --device cuda --batch 128 --execution both --cuda-graph --repeats "$REPEATS" \
+    --json "$OUT/bench_b128.json" --csv "$OUT/bench_b128.csv"
   step profile 60 "${NOPROP[@]}" profile --device cuda --steps 3 --nvtx --out "$OUT/profile"
+  # The same DT step with each op backend (end-to-end effect of the fused kernels).
+  step bench-backends 100 bash -c "for b in eager triton cuda; do echo \"== NOPROP_BACKEND=\$b\"; NOPROP_BACKEND=\$b ${NOPROP[*]} bench --device cuda --batch 1024 --methods dt,backprop --modes parallel,lean --repeats 2 --json '$OUT/bench_backend_'\$b.json || echo \"backend \$b failed\"; done"
+  step bench-ops-bf16 60 "$PYTHON" bench/bench_ops.py "$OUT/ops_bf16" --dtype bfloat16
 else
   step bench-b128 120 "${NOPROP[@]}" bench --quick --device cpu --execution both \
     --json "$OUT/bench_b128.json" --csv "$OUT/bench_b128.csv"
@@ -150,7 +183,7 @@ fi
 
 # 4. plots and the summary -----------------------------------------------------------------------
 shopt -s nullglob
-jsons=("$OUT"/bench_b*.json "$OUT"/bench_backend_*.json)
+jsons=("$OUT"/bench_b[0-9]*.json "$OUT"/bench_backend_*.json)
 if (( ${#jsons[@]} )); then
   step plots 40 --final "$PYTHON" bench/plots.py "${jsons[@]}" --out "$OUT"
 else
@@ -191,5 +224,6 @@ cat "$OUT/summary.log"
 echo
 say "steps (full logs in $OUT):"
 column -t -s $'\t' "$SUMMARY" 2>/dev/null || cat "$SUMMARY"
-say "done in $(now)s; results in $OUT"
+say "done in $(now)s; results in $OUT${PACK:+ (packed into $PACK/results.tgz)}"
+pack
 exit $FAILED

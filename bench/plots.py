@@ -120,10 +120,17 @@ def main(argv=None) -> int:
     p.add_argument("json", nargs="+", type=Path, help="bench JSON files (noprop bench --json)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: next to each JSON)")
     args = p.parse_args(argv)
-    for path in args.json:
-        for png in plot_file(path, args.out):
+    failed = 0
+    for path in args.json:  # one unreadable or empty file must not cost the others their plots
+        try:
+            pngs = plot_file(path, args.out)
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"plots: {path}: skipped ({type(exc).__name__}: {exc})", file=sys.stderr)
+            failed = 1
+            continue
+        for png in pngs:
             print(f"wrote {png}")
-    return 0
+    return failed
 
 
 if __name__ == "__main__":

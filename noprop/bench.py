@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import gc
 import io
 import json
 import os
@@ -82,8 +83,9 @@ class Case:
 def plan(methods, modes, executions, T: int, chunk_size: int, cuda_graph: bool = False) -> tuple[list[Case], list[str]]:
     """Cases to run and notes on the ones skipped. vmap is only run where it differs from loop: a
     lean chunk or a sequential step holds one block (nothing to stack), as does a chunk of 1.
-    cuda_graph: each dt parallel case is followed by the same case captured as a CUDA graph."""
-    cases, notes = [], []
+    cuda_graph: each dt parallel case is repeated captured as a CUDA graph, after all the other
+    cases (in-process on CUDA, a failed capture could leave the context unusable for what follows)."""
+    cases, notes, graphs = [], [], []
     for method in methods:
         if method in BASELINES:
             cases.append(Case(method, "end-to-end", "-"))
@@ -96,8 +98,8 @@ def plan(methods, modes, executions, T: int, chunk_size: int, cuda_graph: bool =
                     continue
                 cases.append(Case(method, mode, ex))
                 if cuda_graph and mode == "parallel":
-                    cases.append(Case(method, mode, ex, graph=True))
-    return cases, notes
+                    graphs.append(Case(method, mode, ex, graph=True))
+    return cases + graphs, notes
 
 
 # ---- measuring one case --------------------------------------------------------------------------
@@ -242,6 +244,7 @@ def measure(case: Case, opts: dict, saved: bool = True) -> dict:
     device = torch.device(opts["device"])
     rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
+        gc.collect()  # the previous in-process case's model may sit in reference cycles: free it first
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model, cfg, step = training_step_fn(case, opts["data"], opts["batch"], opts["T"], opts["chunk_size"], device)
@@ -315,6 +318,13 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # no getloadavg, or a sandbox without /proc/loadavg
+        return None
+
+
 def environment(device: torch.device, threads: int) -> dict:
     try:
         import triton
@@ -325,7 +335,7 @@ def environment(device: torch.device, threads: int) -> dict:
     return {"device": device.type, "device_name": device_name(device), "threads": threads,
             "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
             "python": platform.python_version(), "backend": os.environ.get("NOPROP_BACKEND", "auto"),
-            "loadavg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            "loadavg_1min": _loadavg(),
             "commit": _git("rev-parse", "--short", "HEAD"), "dirty": bool(status) if status is not None else None,
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 

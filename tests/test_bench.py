@@ -101,6 +101,16 @@ def test_plots_write_pngs(quick, tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plots_skip_a_file_without_results_and_plot_the_rest(quick, tmp_path, capsys):
+    _, records, _ = quick
+    failed, good = tmp_path / "failed.json", tmp_path / "good.json"
+    failed.write_text(json.dumps([{**records[0], "error": "boom", "ms_per_step": None, "samples_per_s": None}]))
+    good.write_text(json.dumps(records))
+    assert plots.main([str(failed), str(good), "--out", str(tmp_path / "png")]) == 1
+    assert "failed.json: skipped" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["good_memory.png", "good_throughput.png"]
+
+
 def test_profile_writes_trace_and_prints_table(tmp_path, capsys):
     out = tmp_path / "prof"
     assert main(["profile", "--steps", "1", "--warmup", "0", "-T", "2", "--batch", "8", "--out", str(out)]) == 0
