@@ -170,7 +170,7 @@ if [[ $DRY == 0 ]]; then
     --json "$OUT/bench_b128.json" --csv "$OUT/bench_b128.csv"
   step profile 60 "${NOPROP[@]}" profile --device cuda --steps 3 --nvtx --out "$OUT/profile"
   # The same DT step with each op backend (end-to-end effect of the fused kernels).
-  step bench-backends 100 bash -c "for b in eager triton cuda; do echo \"== NOPROP_BACKEND=\$b\"; NOPROP_BACKEND=\$b ${NOPROP[*]} bench --device cuda --batch 1024 --methods dt,backprop --modes parallel,lean --repeats 2 --json '$OUT/bench_backend_'\$b.json || echo \"backend \$b failed\"; done"
+  step bench-backends 100 bash -c "rc=0; for b in eager triton cuda; do echo \"== NOPROP_BACKEND=\$b\"; NOPROP_BACKEND=\$b ${NOPROP[*]} bench --device cuda --batch 1024 --methods dt,backprop --modes parallel,lean --repeats 2 --json '$OUT/bench_backend_'\$b.json || { echo \"backend \$b failed\"; rc=1; }; done; exit \$rc"
   step bench-ops-bf16 60 "$PYTHON" bench/bench_ops.py "$OUT/ops_bf16" --dtype bfloat16
 else
   step bench-b128 120 "${NOPROP[@]}" bench --quick --device cpu --execution both \
