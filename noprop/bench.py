@@ -19,8 +19,9 @@ samples_per_s = B / (seconds per step), i.e. training-set samples per second of 
 epoch over N samples takes N / samples_per_s seconds in every mode (Algorithm 1's epoch is T
 passes that each update one block).
 
-Memory. CUDA: torch.cuda.max_memory_allocated (reset per config) and, if pynvml imports, the
-process's device memory from NVML. CPU: every config runs in a fresh subprocess (`isolated`) so
+Memory. CUDA: torch.cuda.max_memory_allocated (reset per config), max_memory_reserved (what the
+caching allocator held) and, if pynvml imports, the process's device memory from NVML (None where
+NVML shows host PIDs, as in containers). CPU: every config runs in a fresh subprocess (`isolated`) so
 its ru_maxrss is its own (rss_base_mb = the RSS before the model was built). Everywhere: saved_mb,
 the peak bytes of tensors saved for backward that are alive at once during one step
 (saved_tensors_hooks; parameters excluded, storages counted once) — deterministic and device-
@@ -58,7 +59,7 @@ CSV_COLUMNS = ("method", "mode", "execution", "execution_used", "cuda_graph", "d
                "chunk_size", "threads", "steps", "repeats", "ms_per_step", "ms_min", "ms_max", "ms_q25",
                "ms_q75", "ms_all", "samples_per_s", "samples_per_s_min", "samples_per_s_max", "ms_per_block_update",
                "ratio_to_backprop", "mem_ratio_to_backprop", "saved_ratio_to_backprop", "peak_mem_mb",
-               "peak_mem_kind", "rss_base_mb", "nvml_mem_mb", "saved_mb", "equal_work", "isolated", "torch",
+               "peak_mem_kind", "rss_base_mb", "reserved_mem_mb", "nvml_mem_mb", "saved_mb", "equal_work", "isolated", "torch",
                "cuda", "triton", "backend", "data", "loadavg_1min", "commit", "dirty", "timestamp", "error")
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -182,7 +183,10 @@ def _nvml_process_mb(device) -> float | None:
     try:
         pynvml.nvmlInit()
         index = device.index if device.index is not None else torch.cuda.current_device()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", "") or "")
+        # By UUID: CUDA's ordinals follow CUDA_VISIBLE_DEVICES / CUDA_DEVICE_ORDER, NVML's do not.
+        handle = (pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+                  if uuid else pynvml.nvmlDeviceGetHandleByIndex(index))
         for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
             if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
                 return proc.usedGpuMemory / 2**20
@@ -273,6 +277,7 @@ def measure(case: Case, opts: dict, saved: bool = True) -> dict:
     if device.type == "cuda":
         out["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         out["peak_mem_kind"] = "torch.cuda.max_memory_allocated"
+        out["reserved_mem_mb"] = torch.cuda.max_memory_reserved(device) / 2**20  # + the caching allocator's slack
         out["nvml_mem_mb"] = _nvml_process_mb(device)
     else:
         out["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -365,12 +370,14 @@ def summarise(case: Case, runs: list[dict], opts: dict, env: dict) -> dict:
     med = statistics.median(ms)
     saved = [r["saved_mb"] for r in ok if "saved_mb" in r]
     nvml = [r["nvml_mem_mb"] for r in ok if r.get("nvml_mem_mb") is not None]
+    reserved = [r["reserved_mem_mb"] for r in ok if r.get("reserved_mem_mb") is not None]
     rec.update(ms_per_step=med, ms_min=min(ms), ms_max=max(ms), ms_q25=q25, ms_q75=q75, ms_all=ms,
                samples_per_s=opts["batch"] * 1e3 / med, samples_per_s_min=opts["batch"] * 1e3 / max(ms),
                samples_per_s_max=opts["batch"] * 1e3 / min(ms),
                ms_per_block_update=med / opts["T"] if case.method != "cnn" else None,
                peak_mem_mb=max(r["peak_mem_mb"] for r in ok), peak_mem_kind=ok[0]["peak_mem_kind"],
                rss_base_mb=min(r["rss_base_mb"] for r in ok), nvml_mem_mb=max(nvml) if nvml else None,
+               reserved_mem_mb=max(reserved) if reserved else None,
                saved_mb=saved[0] if saved else None, execution_used=ok[0]["execution_used"])
     if len(ok) < len(runs):
         rec["error"] = f"{len(runs) - len(ok)} of {len(runs)} repeats failed: {next(r for r in runs if 'error' in r)['error']}"
