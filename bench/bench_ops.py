@@ -5,7 +5,8 @@
    vehicle, not something to time).
 2. ``python bench/bench_ops.py OUT_DIR [--dtype bfloat16]`` on a GPU: times every op x backend
    (eager composition, triton, cuda extension when loaded) with ``triton.testing.do_bench`` at
-   K=11, B=4096, m=10 and d=10 / d=784, turns each time into achieved GB/s from the bytes the op
+   K=11, B=4096, m=10 and d=10 / d=784 (plus NoProp-FM's variants: local_loss without softmax and
+   with a target offset, denoise_step as an Euler step), turns each time into achieved GB/s from the bytes the op
    must move at least (inputs read once, outputs written once), compares that with the device's
    copy bandwidth (a large clone: the roofline), prints a table and writes JSON rows to
    OUT_DIR/bench_ops.json. Without a GPU it says so and exits 0 (``--allow-cpu`` times eager on the
@@ -28,7 +29,16 @@ from noprop.ops import new_seed
 
 CONFIGS = [(11, 4096, 10, 10), (11, 4096, 10, 784)]  # (K, B, m, d) on a GPU
 CPU_CONFIG = (11, 128, 10, 20)  # small enough for the eager CPU reference
-OPS = ("noise_inject", "noise_inject_backward", "local_loss", "local_loss_backward", "denoise_step")
+OPS = ("noise_inject", "noise_inject_backward", "local_loss", "local_loss_backward", "denoise_step",
+       "local_loss_fm", "local_loss_fm_backward", "euler_step")
+# NoProp-FM's variants of the same ops: (function, what they add to its arguments).
+VARIANTS = {"local_loss_fm": "local_loss", "local_loss_fm_backward": "local_loss_backward",
+            "euler_step": "denoise_step"}
+
+
+def op_function(backend: str, op: str):
+    """The backend's function that `op` (a row name, variants included) times."""
+    return getattr(backend_module(backend), VARIANTS.get(op, op))
 _MODULES = {"eager": "noprop.ops.eager", "triton": "noprop.kernels.triton", "cuda": "noprop.kernels.cuda"}
 
 
@@ -57,17 +67,23 @@ def make_case(op: str, K: int, B: int, m: int, d: int, dtype: torch.dtype, devic
         grad = torch.randn(K, B, d, device=device).to(dtype)
         # reads grad_z, W, y and the coefficients; writes dW and the coefficient gradients
         return (grad, W, y, sa, s1m, seed), K * B * d * elt + 2 * m * d * elt + B * 8 + 4 * K * 4
-    if op in ("local_loss", "local_loss_backward"):
+    if op in ("local_loss", "local_loss_backward", "local_loss_fm", "local_loss_fm_backward"):
         logits = torch.randn(K, B, m, device=device).to(dtype)
         weight = torch.rand(K, device=device)
-        if op == "local_loss":
-            return (logits, W, y, weight), K * B * m * elt + common + 2 * K * 4
+        fm = op.startswith("local_loss_fm")  # the velocity loss: no softmax, target offset z_0 [B, d]
+        extra = (torch.randn(B, d, device=device).to(dtype), False) if fm else ()
+        extra_bytes = B * d * elt if fm else 0
+        if op in ("local_loss", "local_loss_fm"):
+            return (logits, W, y, weight, *extra), K * B * m * elt + common + 2 * K * 4 + extra_bytes
         grad = torch.randn(K, device=device)
-        return (grad, logits, W, y, weight), 2 * K * B * m * elt + common + m * d * elt + 3 * K * 4
-    if op == "denoise_step":
+        return ((grad, logits, W, y, weight, *extra),
+                2 * K * B * m * elt + common + m * d * elt + 3 * K * 4 + extra_bytes)
+    if op in ("denoise_step", "euler_step"):
         logits = torch.randn(B, m, device=device).to(dtype)
         z = torch.randn(B, d, device=device).to(dtype)
-        return (logits, W, z, 0.3, 0.8, 0.2, seed), B * m * elt + m * d * elt + 2 * B * d * elt
+        coefs = (0.3, 0.8, 0.2) if op == "denoise_step" else (1e-3, 1.0, 0.0)  # FM: z + h·logits·W
+        return ((logits, W, z, *coefs, seed, op == "denoise_step"),
+                B * m * elt + m * d * elt + 2 * B * d * elt)
     raise ValueError(op)
 
 
@@ -104,12 +120,12 @@ def run(out_dir: Path | None, dtype: torch.dtype, device: torch.device) -> list[
     rows = []
     path = None if out_dir is None else out_dir / "bench_ops.json"
     print(f"device: {name} | copy bandwidth (roofline): {roof:.0f} GB/s | dtype {dtype}")
-    print(f"{'K':>3} {'B':>5} {'m':>4} {'d':>5}  {'op':<22}{'backend':<8}{'ms':>10}{'GB/s':>9}{'of roof':>9}"
+    print(f"{'K':>3} {'B':>5} {'m':>4} {'d':>5}  {'op':<24}{'backend':<8}{'ms':>10}{'GB/s':>9}{'of roof':>9}"
           f"{'x eager':>9}")
 
     def add(row):  # print it now and rewrite the JSON: a run cut short keeps every row so far
         rows.append(row)
-        head = f"{row['K']:>3} {row['B']:>5} {row['m']:>4} {row['d']:>5}  {row['op']:<22}{row['backend']:<8}"
+        head = f"{row['K']:>3} {row['B']:>5} {row['m']:>4} {row['d']:>5}  {row['op']:<24}{row['backend']:<8}"
         if "ms" in row:
             speedup = f"{row['speedup_vs_eager']:>9.2f}" if row.get("speedup_vs_eager") else f"{'-':>9}"
             print(head + f"{row['ms']:>10.4f}{row['gbs']:>9.1f}{row['fraction_of_roofline']:>9.1%}" + speedup,
@@ -134,7 +150,7 @@ def run(out_dir: Path | None, dtype: torch.dtype, device: torch.device) -> list[
                 if reason:
                     add(dict(row, skipped=reason))
                     continue
-                fn = getattr(backend_module(backend), op)
+                fn = op_function(backend, op)
                 try:
                     ms = time_ms(lambda: fn(*args), device)
                 except Exception as exc:  # report and keep going: one broken backend must not hide the rest
@@ -188,7 +204,7 @@ if pytest is not None:
             pytest.skip(reason)
         K, B, m, d = (11, 4096, 10, 784) if device.type == "cuda" else CPU_CONFIG
         args, nbytes = make_case(op, K, B, m, d, torch.float32, device)
-        fn = getattr(backend_module(backend), op)
+        fn = op_function(backend, op)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
         def call():
