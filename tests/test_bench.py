@@ -1,6 +1,7 @@
 """noprop bench / profile, bench/plots.py, bench/accuracy_vs_time.py, bench/gpu_check.sh (CPU, small)."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -147,6 +148,10 @@ def test_gpu_check_without_gpu_skips_gpu_steps_and_honours_the_budget(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     steps = dict(line.split("\t")[:2] for line in (tmp_path / "steps.tsv").read_text().splitlines()[1:])
     assert steps["build-cuda-ext"] == "skipped" and steps["tests-gpu"] == "skipped"
-    assert steps["env"] == "ok"
-    assert "SKIPPED" in steps.values() or "TIMEOUT" in steps.values()  # 12 s cannot hold the benchmarks
-    assert proc.returncode == 1 and "done in" in proc.stdout
+    # Steps run until the budget is spent (how many depends on the machine's speed), none fails,
+    # and what did not fit is cut (TIMEOUT) or not started (SKIPPED): 12 s cannot hold the benchmarks.
+    assert "ok" in steps.values() and not any(v.startswith("FAILED") for v in steps.values()), steps
+    assert "SKIPPED" in steps.values() or "TIMEOUT" in steps.values()
+    took = int(re.search(r"done in (\d+)s", proc.stdout).group(1))
+    assert took <= 12 + 25 + 15  # budget + the plots/summary reserve + a step's kill grace
+    assert proc.returncode == 1
