@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from noprop import dispatch
+from noprop.bench import write_text_atomically
 from noprop.ops import new_seed
 
 CONFIGS = [(11, 4096, 10, 10), (11, 4096, 10, 784)]  # (K, B, m, d) on a GPU
@@ -133,10 +133,7 @@ def run(out_dir: Path | None, dtype: torch.dtype, device: torch.device) -> list[
         else:
             print(head + "  " + row.get("skipped", row.get("error", "")), flush=True)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(rows, indent=1))
-            os.replace(tmp, path)
+            write_text_atomically(path, json.dumps(rows, indent=1))
 
     for K, B, m, d in configs:
         for op in OPS:

@@ -490,7 +490,7 @@ def _rounded(v):
     return v
 
 
-def _write_atomically(path, text: str) -> None:
+def write_text_atomically(path, text: str) -> None:
     """Write `text` to `path` through a temporary file and a rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -502,14 +502,14 @@ def _write_atomically(path, text: str) -> None:
 def write_outputs(records: list[dict], json_path=None, csv_path=None) -> None:
     records = [{k: _rounded(v) for k, v in r.items()} for r in records]
     if json_path:
-        _write_atomically(json_path, json.dumps(records, indent=1) + "\n")
+        write_text_atomically(json_path, json.dumps(records, indent=1) + "\n")
     if csv_path:
         buf = io.StringIO(newline="")
         w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in records:
             w.writerow({k: r.get(k) for k in CSV_COLUMNS})
-        _write_atomically(csv_path, buf.getvalue())
+        write_text_atomically(csv_path, buf.getvalue())
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
