@@ -46,6 +46,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ from pathlib import Path
 import torch
 
 DT_MODES = ("parallel", "chunked", "lean", "sequential")
+EXECUTIONS = ("loop", "vmap", "threads")  # measurable executions (noprop.engine); "auto" picks one
 BASELINES = ("backprop", "cnn")
 REQUIRED_KEYS = ("method", "mode", "device", "batch", "samples_per_s", "ms_per_step", "peak_mem_mb")
 CSV_COLUMNS = ("method", "mode", "execution", "execution_used", "cuda_graph", "device", "device_name", "batch", "T",
@@ -70,7 +72,7 @@ class Case:
 
     method: str
     mode: str  # dt: a training mode; baselines: "end-to-end"
-    execution: str  # loop | vmap | auto ("-" for baselines: they have no stacked form)
+    execution: str  # loop | vmap | threads | auto ("-" for baselines: they run end to end)
     graph: bool = False  # dt parallel only: the step captured as a CUDA graph and replayed
 
     @property
@@ -82,8 +84,9 @@ class Case:
 
 
 def plan(methods, modes, executions, T: int, chunk_size: int, cuda_graph: bool = False) -> tuple[list[Case], list[str]]:
-    """Cases to run and notes on the ones skipped. vmap is only run where it differs from loop: a
-    lean chunk or a sequential step holds one block (nothing to stack), as does a chunk of 1.
+    """Cases to run and notes on the ones skipped. vmap and threads are only run where they differ
+    from loop: a lean chunk or a sequential step holds one block (nothing to stack or share out), as
+    does a chunk of 1.
     cuda_graph: each dt parallel case is repeated captured as a CUDA graph, after all the other
     cases (in-process on CUDA, a failed capture could leave the context unusable for what follows)."""
     cases, notes, graphs = [], [], []
@@ -94,8 +97,9 @@ def plan(methods, modes, executions, T: int, chunk_size: int, cuda_graph: bool =
         for mode in modes:
             for ex in executions:
                 k = {"parallel": T, "chunked": min(chunk_size, T), "lean": 1, "sequential": 1}[mode]
-                if ex == "vmap" and k < 2:
-                    notes.append(f"dt {mode} (vmap) skipped: {k} block per chunk, nothing to stack (runs as loop)")
+                if ex in ("vmap", "threads") and k < 2:
+                    what = "nothing to stack" if ex == "vmap" else "nothing to share out between threads"
+                    notes.append(f"dt {mode} ({ex}) skipped: {k} block per chunk, {what} (runs as loop)")
                     continue
                 cases.append(Case(method, mode, ex))
                 if cuda_graph and mode == "parallel":
@@ -113,21 +117,24 @@ class SavedTensorMeter:
         self.exclude = {p.untyped_storage().data_ptr() for p in params}
         self.refs: dict = {}
         self.current = self.peak = 0
+        self.lock = threading.RLock()  # threaded execution saves from several threads at once
 
     def _add(self, key, nbytes):
-        n, _ = self.refs.get(key, (0, nbytes))
-        if n == 0:
-            self.current += nbytes
-            self.peak = max(self.peak, self.current)
-        self.refs[key] = (n + 1, nbytes)
+        with self.lock:
+            n, _ = self.refs.get(key, (0, nbytes))
+            if n == 0:
+                self.current += nbytes
+                self.peak = max(self.peak, self.current)
+            self.refs[key] = (n + 1, nbytes)
 
     def _drop(self, key):
-        n, nbytes = self.refs[key]
-        if n == 1:
-            del self.refs[key]
-            self.current -= nbytes
-        else:
-            self.refs[key] = (n - 1, nbytes)
+        with self.lock:
+            n, nbytes = self.refs[key]
+            if n == 1:
+                del self.refs[key]
+                self.current -= nbytes
+            else:
+                self.refs[key] = (n - 1, nbytes)
 
     def pack(self, t):
         try:
@@ -468,17 +475,17 @@ def table(records: list[dict]) -> str:
 
 
 def execution_verdict(records: list[dict]) -> list[str]:
-    """Per mode measured both ways: which execution wins here, and by how much."""
+    """Per mode measured more than one way (loop, vmap, threads): which execution wins here."""
     out = []
     by = {(r["mode"], r["execution"]): r for r in records
           if r["method"] == "dt" and r.get("ms_per_step") and not r.get("cuda_graph")}
     for mode in DT_MODES:
-        loop, vmap = by.get((mode, "loop")), by.get((mode, "vmap"))
-        if loop and vmap:
-            win, lose = (loop, vmap) if loop["ms_per_step"] <= vmap["ms_per_step"] else (vmap, loop)
-            out.append(f"{mode}: {win['execution']} wins on {win['device']} "
-                       f"({lose['ms_per_step'] / win['ms_per_step']:.2f}x faster: {loop['ms_per_step']:.1f} ms loop vs "
-                       f"{vmap['ms_per_step']:.1f} ms vmap)")
+        measured = sorted((r["ms_per_step"], ex, r) for ex in EXECUTIONS if (r := by.get((mode, ex))))
+        if len(measured) > 1:
+            (best_ms, best, rec), (next_ms, runner_up, _) = measured[0], measured[1]
+            times = ", ".join(f"{ex} {ms:.1f} ms" for ms, ex, _ in measured)
+            out.append(f"{mode}: {best} wins on {rec['device']} ({next_ms / best_ms:.2f}x faster than {runner_up}; "
+                       f"{times})")
     return out
 
 
@@ -524,8 +531,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="rounds over all configs (medians and spread over these)")
     p.add_argument("--modes", default=",".join(DT_MODES), help="comma-separated NoProp-DT modes")
     p.add_argument("--methods", default="dt,backprop,cnn", help="comma-separated: dt, backprop, cnn")
-    p.add_argument("--execution", choices=("auto", "loop", "vmap", "both"), default="auto",
-                   help="how DT blocks run: auto (the engine's per-device pick), loop, vmap, or both (loop vs vmap)")
+    p.add_argument("--execution", default="auto",
+                   help="how DT blocks run, comma-separated to compare: auto (the engine's per-device pick), loop, "
+                        "vmap, threads (CPU, needs --threads >= 2); both = loop,vmap; all = every one the device runs")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (recorded; default: 1 on CPU, torch's default on CUDA)")
     p.add_argument("--isolate", dest="isolate", action="store_true", default=None,
@@ -570,10 +578,32 @@ def options(args) -> tuple[dict, list, list, list]:
     for m in modes:
         if m not in DT_MODES:
             raise ValueError(f"--modes: unknown mode {m!r} ({', '.join(DT_MODES)})")
-    executions = ["loop", "vmap"] if args.execution == "both" else [args.execution]
+    executions = _executions(args.execution, device, threads)
     if args.cuda_graph and ("dt" not in methods or "parallel" not in modes):
         raise ValueError("--cuda-graph captures the dt parallel step: --methods must include dt and --modes parallel")
     return opts, methods, modes, executions
+
+
+def _executions(spec: str, device: torch.device, threads: int) -> list[str]:
+    """--execution's list: names checked against the device and the thread count."""
+    aliases = {"both": ["loop", "vmap"], "all": ["loop", "vmap"] + (["threads"] if device.type == "cpu" else [])}
+    names = []
+    for name in (n.strip() for n in spec.split(",") if n.strip()):
+        for ex in aliases.get(name, [name]):
+            if ex not in ("auto",) + EXECUTIONS:
+                raise ValueError(f"--execution: unknown execution {ex!r} (auto, {', '.join(EXECUTIONS)}, both, all)")
+            if ex == "threads" and device.type != "cpu":
+                raise ValueError(f"--execution threads runs blocks on CPU threads; --device is {device}")
+            if ex == "threads" and threads < 2 and name != "all":
+                raise ValueError("--execution threads shares torch's threads out between blocks: it needs --threads >= 2 "
+                                 "(with one thread it would be loop)")
+            if ex == "threads" and threads < 2:
+                continue
+            if ex not in names:
+                names.append(ex)
+    if not names:
+        raise ValueError(f"--execution {spec!r} names no execution")
+    return names
 
 
 def main_args(args) -> int:
@@ -596,7 +626,7 @@ def main_args(args) -> int:
           f"T {opts['T']} | commit {r0['commit']}{' (dirty)' if r0['dirty'] else ''}")
     print(table(records))
     for line in execution_verdict(records):
-        print("loop vs vmap: " + line)
+        print("execution: " + line)
     for path in (json_path, csv_path):
         if path:
             print(f"wrote {path}")

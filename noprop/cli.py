@@ -32,9 +32,10 @@ def _add_train_args(p):
     p.add_argument("--cuda-graph", action="store_true",
                    help="dt, mode parallel/all-blocks, --device cuda: capture the training step once as a CUDA graph "
                         "and replay it for every full batch (fresh noise each replay; a last partial batch runs eagerly)")
-    p.add_argument("--execution", choices=("auto", "loop", "vmap"), default=DEFAULTS.execution,
-                   help="how the blocks of a step run: one by one (loop), stacked with vmap, or auto "
-                        "(the faster on this device: loop on CPU, vmap on CUDA)")
+    p.add_argument("--execution", choices=("auto", "loop", "vmap", "threads"), default=DEFAULTS.execution,
+                   help="how the blocks of a step run: one by one (loop), stacked with vmap, in groups on CPU "
+                        "threads at once (threads: block parallelism, sharing torch's intra-op threads), or auto "
+                        "(threads on CPU with >= 2 torch threads, vmap on CUDA)")
     p.add_argument("--embedding", choices=("onehot", "learned", "prototype"), default=DEFAULTS.embedding,
                    help="class embedding: fixed one-hot, learned (--embed-dim), or prototype (image-sized)")
     p.add_argument("--embed-dim", type=int, default=DEFAULTS.embed_dim, help="dimension d of a learned embedding")

@@ -1,4 +1,5 @@
-"""How the blocks of a NoProp-DT model execute: one by one (`loop`) or stacked (`vmap`).
+"""How the blocks of a NoProp-DT model execute: one by one (`loop`), stacked (`vmap`) or on
+several CPU threads at once (`threads`).
 
 Stacked execution runs T structurally identical blocks as one batched computation with
 `torch.func.functional_call` under `vmap`: convolutions become grouped convolutions and the fully
@@ -8,17 +9,30 @@ unchanged; BatchNorm running statistics updated inside the stacked call are writ
 
 Which is faster depends on the device. Measured on the 2-core CPU this project develops on
 (`noprop bench`, bench/results/): stacking loses there (grouped convs are ~2-3x slower than
-separate ones, ../shared/docs/design.md), so `auto` picks `loop` on CPU and `vmap` on CUDA.
+separate ones, ../shared/docs/design.md), so `auto` picks `vmap` only on CUDA.
+
+Threaded execution is block parallelism on CPU cores, the one kind backprop cannot have: the blocks
+of a training step are split into contiguous groups, and each group's forward, local loss and
+backward run on a thread of its own (separate autograd graphs, so the backwards run concurrently
+too; torch's ops release the GIL). The step's intra-op threads are shared out between the groups,
+so it uses the same cores as a loop step. Measured on the 2-core development CPU (batch 128,
+T = 10 DT blocks): 1.2-1.5x faster than one thread per step with 2 intra-op threads, because
+these small convolutions scale poorly across cores. `auto` picks it on CPU when torch has >= 2
+intra-op threads and a step trains >= 2 blocks. Forward-only calls (inference, `run_blocks`) run
+the blocks as `loop`.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-EXECUTIONS = ("auto", "loop", "vmap")
+EXECUTIONS = ("auto", "loop", "vmap", "threads")
 
 
 def structure(block: nn.Module):
@@ -39,15 +53,108 @@ def why_not_stackable(blocks: Sequence[nn.Module]) -> str | None:
 
 
 def resolve(execution: str, blocks: Sequence[nn.Module], device: torch.device) -> str:
-    """The execution to use: an explicit 'vmap' on unstackable blocks raises with the reason."""
+    """The execution to use for `blocks` on `device`: 'loop', 'vmap' or 'threads'.
+
+    An explicit 'vmap' on unstackable blocks, or 'threads' on a non-CPU device, raises with the
+    reason; 'threads' with one block or one intra-op thread has nothing to share out: 'loop'.
+    """
     if execution not in EXECUTIONS:
         raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+    on_cuda = torch.device(device).type == "cuda"
+    if execution == "threads":
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"execution 'threads' runs blocks on CPU threads, but the model is on {device}: "
+                             "on CUDA use 'vmap' (stacked) or 'auto', and --cuda-graph for the parallel step")
+        return "threads" if len(blocks) > 1 and _intra_op_threads() > 1 else "loop"
     reason = why_not_stackable(blocks)
     if execution == "vmap" and reason and len(blocks) > 1:
         raise ValueError(f"cannot stack these blocks: {reason}")
     if execution == "auto":
-        return "vmap" if torch.device(device).type == "cuda" and reason is None else "loop"
+        if on_cuda:
+            return "vmap" if reason is None else "loop"
+        if torch.device(device).type == "cpu":
+            return resolve("threads", blocks, device)
+        return "loop"
     return "loop" if reason else execution
+
+
+def _intra_op_threads() -> int:
+    # torch.compile cannot trace get_num_threads, and a traced forward never spawns threads anyway
+    # (train_step does, outside any graph)
+    return 1 if torch.compiler.is_compiling() else torch.get_num_threads()
+
+
+def split_evenly(items: Sequence, parts: int) -> list[list]:
+    """`items` cut into min(parts, len(items)) contiguous groups whose sizes differ by at most one."""
+    parts = max(1, min(parts, len(items)))
+    q, r = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        size = q + (i < r)
+        out.append(list(items[start:start + size]))
+        start += size
+    return out
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of `workers` threads, made once per size (threads outlive a step: starting
+    them costs more than a small step's work)."""
+    with _pools_lock:
+        if workers not in _pools:
+            _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="noprop-blocks")
+        return _pools[workers]
+
+
+def _saved_tensor_hooks():
+    """The innermost (pack, unpack) saved-tensor hooks of this thread, or None (a private torch API:
+    if it is gone, workers run without the caller's hooks)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    try:
+        return top(False) if top is not None else None
+    except (RuntimeError, TypeError):
+        return None
+
+
+def run_threaded(groups: Sequence[Sequence[int]], work: Callable[[int, list[int]], float]) -> list[float]:
+    """work(i, groups[i]) for every group at once, one thread each; returns their results in order.
+
+    The caller's intra-op threads are shared out between the groups (each gets max(1, n // groups))
+    and restored afterwards; grad mode, CPU autocast, saved-tensor hooks (e.g. save_on_cpu) and the
+    noprop backend request, all per-thread state in torch and noprop, are carried into the workers. Every group runs to its end; the first
+    group's exception (in group order) is then raised.
+    """
+    from noprop import dispatch
+
+    n = torch.get_num_threads()
+    per_group = max(1, n // len(groups))
+    grad = torch.is_grad_enabled()
+    backend = dispatch.requested_backend()
+    autocast = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+    hooks = _saved_tensor_hooks()
+
+    def run(i: int, group: list[int]) -> float:
+        torch.set_num_threads(per_group)  # this worker's OpenMP team (and MKL's, restored below)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.set_grad_enabled(grad))
+            stack.enter_context(dispatch.use_backend(backend))
+            stack.enter_context(torch.autocast("cpu", dtype=autocast[1], enabled=autocast[0]))
+            if hooks is not None:
+                stack.enter_context(torch.autograd.graph.saved_tensors_hooks(*hooks))
+            return work(i, group)
+
+    try:
+        futures = [_pool(len(groups)).submit(run, i, list(g)) for i, g in enumerate(groups)]
+        errors = [f.exception() for f in futures]  # waits for every group
+    finally:
+        torch.set_num_threads(n)  # MKL's thread count is process-wide: give the caller its own back
+    for error in errors:
+        if error is not None:
+            raise error
+    return [f.result() for f in futures]
 
 
 def run_stacked(blocks: Sequence[nn.Module], x: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:

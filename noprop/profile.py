@@ -34,7 +34,12 @@ def enable_nvtx(on: bool = True) -> None:
     _nvtx = bool(on)
 
 
+_all_threads_session = False  # set while `noprop profile` runs its all-threads profiler (see below)
+
+
 def _profiler_on() -> bool:
+    if _all_threads_session:  # profile_all_threads profiles through global callbacks, which
+        return True  # torch.autograd._profiler_enabled() (per thread) does not report
     try:
         return torch.autograd._profiler_enabled()
     except AttributeError:  # very old or very new torch: always record (record_function is cheap)
@@ -68,7 +73,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("dt", "backprop", "cnn"), default="dt", help="what to train")
     p.add_argument("--mode", default="parallel", choices=("parallel", "chunked", "lean", "sequential"),
                    help="NoProp-DT training mode (sequential: one step = T single-block updates)")
-    p.add_argument("--execution", choices=("auto", "loop", "vmap"), default="auto", help="how DT blocks run")
+    p.add_argument("--execution", choices=("auto", "loop", "vmap", "threads"), default="auto", help="how DT blocks run")
     p.add_argument("--steps", type=int, default=3, help="profiled training steps")
     p.add_argument("--warmup", type=int, default=1, help="unprofiled steps first")
     p.add_argument("--batch", type=int, default=128, help="minibatch size")
@@ -94,6 +99,15 @@ def _stage_table(events) -> str:
     return "\n".join(lines)
 
 
+def _all_threads_config():
+    """Kineto's profile_all_threads, so that the threads of `--execution threads` are profiled too
+    (torch's profiler is otherwise per thread); None where this torch lacks the option."""
+    try:
+        return torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+    except (AttributeError, TypeError):
+        return None
+
+
 def main_args(args) -> int:
     from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
 
@@ -117,11 +131,18 @@ def main_args(args) -> int:
         step()
     _sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    global _all_threads_session
+    config = _all_threads_config() if device.type == "cpu" else None  # only CPU steps run block threads
     t0 = time.perf_counter()
-    with torch_profile(activities=activities, profile_memory=True, record_shapes=True) as prof:
-        for _ in range(args.steps):
-            step()
-        _sync(device)
+    _all_threads_session = config is not None
+    try:
+        with torch_profile(activities=activities, profile_memory=True, record_shapes=True,
+                           experimental_config=config) as prof:
+            for _ in range(args.steps):
+                step()
+            _sync(device)
+    finally:
+        _all_threads_session = False
     wall = time.perf_counter() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from noprop import checkpoint as ckpt
-from noprop import graphs
+from noprop import engine, graphs
 from noprop.data import Dataset, Split, batches, random_shift, validate
 from noprop.embeddings import ClassEmbedding, make_embedding
 from noprop.models import BackpropDT, CNNClassifier, NoPropCT, NoPropDT, NoPropFM, ct_block, dt_block_factory
@@ -64,7 +64,7 @@ class TrainConfig:
     weight_decay: float = 1e-3
     augment_shift: int = 0  # random translation of training images by up to this many pixels (0: none)
     chunk_size: int = 2  # blocks per chunk in the chunked mode
-    execution: str = "auto"  # how blocks run: loop, vmap (stacked) or auto (see noprop.engine)
+    execution: str = "auto"  # how blocks run: loop, vmap (stacked), threads (CPU block parallelism) or auto (noprop.engine)
     shared_lr_scale: float | None = None  # None: T when every block trains on every minibatch, else 1
     eval_runs: int = 1
     mean_chain: bool = False
@@ -209,12 +209,27 @@ def _check_finite(loss: torch.Tensor) -> None:
         raise FloatingPointError(f"the training loss became {loss.item()}: lower the learning rate or check inputs")
 
 
+def _local_update(model: NoPropDT, x, y, blocks, seed, include_shared: bool) -> float:
+    """Forward and backward of `blocks`' local losses (and CE + KL if include_shared): the loss.
+    On CPU the noise seed's value also keys each block's dropout masks (noprop.models.dropout), so
+    a block's update is the same whichever thread runs it and whichever blocks share its chunk."""
+    dropout_seed = int(seed) if seed.device.type == "cpu" else None  # CUDA: no host read of the seed
+    loss = model.losses(x, y, blocks, seed=seed, include_shared=include_shared, dropout_seed=dropout_seed).total
+    _check_finite(loss)
+    with stage("noprop.backward"):
+        loss.backward()
+    return loss.item()
+
+
 def train_step(model, opts: Optimizers, x, y, blocks=None, chunk_size: int | None = None) -> float:
     """One update on minibatch (x, y); for NoProp-DT only `blocks` (1-based, None = all) move.
 
     chunk_size k runs the blocks k at a time, each chunk's backward right after its forward, so only
     one chunk's activations are alive at once; all chunks share the minibatch's noise (one seed) and
     the gradients accumulate, so the update equals the all-at-once step.
+    Where the model's execution resolves to 'threads' (CPU, see noprop.engine), each chunk's blocks
+    are split into one contiguous group per thread, and the groups' forwards and backwards run at
+    once: the same update again (gradients of shared parameters summed in another order).
     """
     opts.zero_grad()
     if not isinstance(model, NoPropDT):
@@ -231,11 +246,13 @@ def train_step(model, opts: Optimizers, x, y, blocks=None, chunk_size: int | Non
     seed = new_seed(x.device)
     total = 0.0
     for i in range(0, len(ts), k):
-        loss = model.losses(x, y, ts[i:i + k], seed=seed, include_shared=i == 0).total
-        _check_finite(loss)
-        with stage("noprop.backward"):
-            loss.backward()
-        total += loss.item()
+        chunk = ts[i:i + k]
+        if model.resolve_execution(chunk, x.device) == "threads":
+            groups = engine.split_evenly(chunk, torch.get_num_threads())
+            total += sum(engine.run_threaded(groups, lambda j, group: _local_update(
+                model, x, y, group, seed, include_shared=i == 0 and j == 0)))
+        else:
+            total += _local_update(model, x, y, chunk, seed, include_shared=i == 0)
     with stage("noprop.optimizer"):
         opts.step(blocks)
     return total

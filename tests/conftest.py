@@ -26,6 +26,15 @@ def one_torch_thread():
 
 
 @pytest.fixture
+def torch_threads():
+    """set(n): torch's intra-op thread count for this test (the threaded execution shares it out
+    between blocks); the count before the test is restored afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def triton_device():
     """Where the Triton kernel tests run: CPU tensors under TRITON_INTERPRET=1 (CI), CUDA tensors
     when the kernels are compiled for a GPU (bench/gpu_check.sh runs pytest with TRITON_INTERPRET=0).

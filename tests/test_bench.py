@@ -123,6 +123,40 @@ def test_profile_writes_trace_and_prints_table(tmp_path, capsys):
     assert "Self CPU" in text and "CPU Mem" in text  # key_averages table with memory columns
 
 
+def test_profile_sees_the_block_threads(tmp_path, capsys, torch_threads):
+    """torch's profiler is per thread: the threaded execution's work is only in the trace because
+    `noprop profile` turns on Kineto's all-threads mode (and then still marks the stages)."""
+    out = tmp_path / "prof"
+    assert main(["profile", "--steps", "1", "--warmup", "0", "-T", "2", "--batch", "8", "--threads", "2",
+                 "--execution", "threads", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    events = json.loads((out / "trace.json").read_text())["traceEvents"]
+    threads_with_forward = {e.get("tid") for e in events if e.get("name") == "noprop.block_forward"}
+    assert len(threads_with_forward) == 2  # one per group of blocks, each on its own thread
+    assert "noprop.backward" in text and "noprop.optimizer" in text
+
+
+def test_execution_list_is_checked_against_device_and_threads():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert bench._executions("loop,threads", cpu, 2) == ["loop", "threads"]
+    assert bench._executions("all", cpu, 2) == ["loop", "vmap", "threads"]
+    assert bench._executions("all", cpu, 1) == ["loop", "vmap"]  # one thread: threads would be loop
+    assert bench._executions("both,loop", cuda, 8) == ["loop", "vmap"]
+    with pytest.raises(ValueError, match="needs --threads >= 2"):
+        bench._executions("threads", cpu, 1)
+    with pytest.raises(ValueError, match="CPU threads"):
+        bench._executions("threads", cuda, 8)
+    with pytest.raises(ValueError, match="unknown execution 'fast'"):
+        bench._executions("loop,fast", cpu, 2)
+
+
+def test_execution_verdict_names_the_fastest_of_three():
+    recs = [{"method": "dt", "mode": "parallel", "execution": ex, "ms_per_step": ms, "device": "cpu"}
+            for ex, ms in (("loop", 10.0), ("vmap", 20.0), ("threads", 8.0))]
+    assert bench.execution_verdict(recs) == [
+        "parallel: threads wins on cpu (1.25x faster than loop; threads 8.0 ms, loop 10.0 ms, vmap 20.0 ms)"]
+
+
 def test_accuracy_vs_time_plots_two_runs(tmp_path, capsys):
     runs = []
     for method, accs in (("dt", [0.5, 0.9, 0.97]), ("backprop", [0.3, 0.6, 0.8])):

@@ -45,10 +45,17 @@ def test_stacked_losses_and_gradients_equal_per_block(factory, train):
         torch.testing.assert_close(b1[n], b2[n], rtol=1e-4, atol=1e-6)
 
 
-def test_auto_execution_is_per_device_and_explicit_vmap_checks_structure():
+def test_auto_execution_is_per_device_and_explicit_vmap_checks_structure(torch_threads):
     blocks = [TinyBlock(16, 4, 3), TinyBlock(16, 4, 3)]
+    torch_threads(1)
     assert engine.resolve("auto", blocks, torch.device("cpu")) == "loop"
+    assert engine.resolve("threads", blocks, torch.device("cpu")) == "loop"  # one thread: nothing to share out
+    torch_threads(2)
+    assert engine.resolve("auto", blocks, torch.device("cpu")) == "threads"
+    assert engine.resolve("auto", blocks[:1], torch.device("cpu")) == "loop"
     assert engine.resolve("auto", blocks, torch.device("cuda")) == "vmap"
+    with pytest.raises(ValueError, match="runs blocks on CPU threads"):
+        engine.resolve("threads", blocks, torch.device("cuda"))
     mixed = [TinyBlock(16, 4, 3), TinyBlock(16, 4, 3, width=8)]
     assert "block 2 differs" in engine.why_not_stackable(mixed)
     with pytest.raises(ValueError, match="cannot stack"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from noprop.models.dropout import Dropout
 from noprop.models.inputs import check_images
 
 
@@ -20,9 +21,9 @@ class ConvBranch(nn.Module):
         super().__init__()
         c = image_shape[0]
         self.convs = nn.Sequential(
-            nn.Conv2d(c, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout),
-            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Dropout(dropout),
-            nn.Conv2d(64, 128, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout),
+            nn.Conv2d(c, 32, 3), nn.ReLU(), nn.MaxPool2d(2), Dropout(dropout),
+            nn.Conv2d(32, 64, 3), nn.ReLU(), Dropout(dropout),
+            nn.Conv2d(64, 128, 3), nn.ReLU(), nn.MaxPool2d(2), Dropout(dropout),
             nn.Flatten(),
         )
         with torch.no_grad():

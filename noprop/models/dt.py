@@ -15,6 +15,7 @@ from torch import nn
 
 from noprop import engine
 from noprop.embeddings import ClassEmbedding
+from noprop.models.dropout import block_key, keyed_masks
 from noprop.models.inputs import check_images
 from noprop.ops import denoise_step, local_loss, new_seed, noise_inject
 from noprop.profile import stage
@@ -47,8 +48,12 @@ class NoPropDT(nn.Module):
 
     blocks: a sequence of T modules, or a factory t -> module called for t = 1..T (`num_blocks`).
     input_shape: the per-sample image shape, checked on every call when given.
-    execution: how the trained blocks run — 'loop' (one by one), 'vmap' (stacked, see
-    noprop.engine) or 'auto' (the faster one on the device).
+    execution: how the trained blocks run — 'loop' (one by one), 'vmap' (stacked), 'threads'
+    (groups of blocks on CPU threads at once, in `noprop.training.train_step`) or 'auto' (see
+    noprop.engine).
+    In `train_step` on CPU, block t's dropout masks (noprop.models.dropout.Dropout layers) are
+    keyed by the step's noise seed and t, so the update does not depend on which blocks share the
+    step or on thread timing; stacked (vmap) and CUDA execution draw from torch's generator.
     """
 
     def __init__(self, blocks: Sequence[nn.Module] | Callable[[int], nn.Module], embedding: ClassEmbedding,
@@ -106,7 +111,8 @@ class NoPropDT(nn.Module):
         return out
 
     def losses(self, x: torch.Tensor, y: torch.Tensor, blocks: Sequence[int] | None = None,
-               seed: torch.Tensor | None = None, include_shared: bool = True) -> DTLosses:
+               seed: torch.Tensor | None = None, include_shared: bool = True,
+               dropout_seed: int | None = None) -> DTLosses:
         """DT objective on one minibatch for the blocks in `blocks` (1-based; default all).
 
         total = Σ_{t in blocks} (T/2)·η·ΔSNR(t)·‖û_t(z_{t-1}, x) − u_y‖² + CE(head(z_T), y) + KL.
@@ -127,7 +133,7 @@ class NoPropDT(nn.Module):
         with stage("noprop.noise"):
             z = noise_inject(W, y, self.sqrt_alpha_bar, self.sqrt_one_minus_alpha_bar, seed)
         with stage("noprop.block_forward"):
-            logits = self.run_blocks(ts, x, z)
+            logits = self.run_blocks(ts, x, z, dropout_seed)
         with stage("noprop.local_loss"):
             local = local_loss(logits, W, y, self.block_weight[_rows(ts)])
             if not include_shared:  # a later chunk of a minibatch: its first chunk carried CE and KL
@@ -137,10 +143,12 @@ class NoPropDT(nn.Module):
             kl = self.schedule.kl_prior(W[y])
         return DTLosses(local.sum() + ce + kl, local, ce, kl)
 
-    def run_blocks(self, ts: Sequence[int], x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Logits [len(ts), B, m] of blocks ts (1-based) on their inputs z[t - 1] (z: [T+1, B, d])."""
+    def run_blocks(self, ts: Sequence[int], x: torch.Tensor, z: torch.Tensor,
+                   dropout_seed: int | None = None) -> torch.Tensor:
+        """Logits [len(ts), B, m] of blocks ts (1-based) on their inputs z[t - 1] (z: [T+1, B, d]).
+        dropout_seed (run one by one only): block t's dropout masks are keyed by (dropout_seed, t)."""
         chosen = [self.blocks[t - 1] for t in ts]
-        if engine.resolve(self.execution, chosen, x.device) == "vmap":
+        if self.resolve_execution(ts, x.device) == "vmap":
             rows = _rows(ts)
             if not isinstance(rows, slice):
                 rows = torch.tensor(rows, device=z.device)
@@ -149,7 +157,15 @@ class NoPropDT(nn.Module):
                 raise ValueError(f"blocks must return logits of shape [B, m] = [{x.shape[0]}, {self.num_classes}], "
                                  f"got {list(logits.shape[1:])}")
             return logits
-        return torch.stack([self.block_logits(t, x, z[t - 1]) for t in ts])
+        out = []
+        for t in ts:
+            with keyed_masks(None if dropout_seed is None else block_key(dropout_seed, t)):
+                out.append(self.block_logits(t, x, z[t - 1]))
+        return torch.stack(out)
+
+    def resolve_execution(self, ts: Sequence[int], device) -> str:
+        """How blocks ts (1-based) would run in a training step on `device`: 'loop', 'vmap' or 'threads'."""
+        return engine.resolve(self.execution, [self.blocks[t - 1] for t in ts], device)
 
     def check_locality(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Raise ValueError if any block's local loss reaches another block's parameters (a block
