@@ -72,8 +72,14 @@ def plot(paths, out: Path, labels=None, title=None, chance=None, targets=(0.9, 0
         seen[lab] = True
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     summary = []
+    used: dict = {}  # method -> curves drawn: a second run of a method gets a lighter, dashed line
     for (path, rows), lab in zip(runs, labels):
-        color, ls = STYLE.get(rows[0].get("method"), (None, "-"))
+        method = rows[0].get("method")
+        color, ls = STYLE.get(method, (None, "-"))
+        repeat = used.get(method, 0)
+        used[method] = repeat + 1
+        if repeat and color is not None:
+            color, ls = matplotlib.colors.to_rgba(color, alpha=max(0.35, 1 - 0.3 * repeat)), (":" if ls == "-" else "-")
         xs = [r["elapsed_s"] for r in rows]
         ys = [100 * r["test_acc"] for r in rows]
         if chance is not None:

@@ -13,6 +13,7 @@ from torch import nn
 
 import noprop
 from noprop.data import load, synthetic
+from noprop.models import Dropout
 from noprop.training import TrainConfig, evaluate, fit
 
 
@@ -21,7 +22,8 @@ class MLPBlock(nn.Module):
 
     def __init__(self, in_features: int, embed_dim: int, num_classes: int, width: int = 256):
         super().__init__()
-        self.image = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), nn.ReLU(), nn.Dropout(0.1))
+        # noprop's Dropout keys its masks per block and step, so threaded execution is reproducible
+        self.image = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), nn.ReLU(), Dropout(0.1))
         self.label = nn.Sequential(nn.Linear(embed_dim, width), nn.ReLU())
         self.out = nn.Sequential(nn.Linear(2 * width, width), nn.ReLU(), nn.Linear(width, num_classes))
 

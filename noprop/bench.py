@@ -535,7 +535,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="how DT blocks run, comma-separated to compare: auto (the engine's per-device pick), loop, "
                         "vmap, threads (CPU, needs --threads >= 2); both = loop,vmap; all = every one the device runs")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (recorded; default: 1 on CPU, torch's default on CUDA)")
+                   help="torch threads (recorded; default: torch's own, one per core; 1 steadies timings on a busy "
+                        "shared machine but leaves the CPU's block threads nothing to share out)")
     p.add_argument("--isolate", dest="isolate", action="store_true", default=None,
                    help="run each config in a fresh subprocess (default on CPU, so peak RSS is its own)")
     p.add_argument("--no-isolate", dest="isolate", action="store_false", help="run every config in this process")
@@ -561,7 +562,7 @@ def options(args) -> tuple[dict, list, list, list]:
         args.T, args.batch, args.repeats = 3, min(args.batch, 16), 1
         args.steps, args.warmup = args.steps or 2, args.warmup if args.warmup is not None else 1
     cpu = device.type == "cpu"
-    threads = args.threads or (1 if cpu else torch.get_num_threads())
+    threads = args.threads or torch.get_num_threads()
     isolated = args.isolate if args.isolate is not None else (cpu and not args.quick)
     opts = {"device": str(device), "batch": args.batch, "T": args.T, "chunk_size": args.chunk_size,
             "steps": args.steps or (5 if cpu else 20), "warmup": args.warmup if args.warmup is not None else (1 if cpu else 5),

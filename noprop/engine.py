@@ -16,8 +16,9 @@ of a training step are split into contiguous groups, and each group's forward, l
 backward run on a thread of its own (separate autograd graphs, so the backwards run concurrently
 too; torch's ops release the GIL). The step's intra-op threads are shared out between the groups,
 so it uses the same cores as a loop step. Measured on the 2-core development CPU (batch 128,
-T = 10 DT blocks): 1.2-1.5x faster than one thread per step with 2 intra-op threads, because
-these small convolutions scale poorly across cores. `auto` picks it on CPU when torch has >= 2
+T = 10 DT blocks, `noprop bench`, bench/results/cpu-amd-epyc-2threads/): a whole parallel step is
+1.17x faster than the loop step with 2 intra-op threads, because these small convolutions scale
+poorly across cores. `auto` picks it on CPU when torch has >= 2
 intra-op threads and a step trains >= 2 blocks. Forward-only calls (inference, `run_blocks`) run
 the blocks as `loop`.
 """
@@ -123,9 +124,9 @@ def run_threaded(groups: Sequence[Sequence[int]], work: Callable[[int, list[int]
     """work(i, groups[i]) for every group at once, one thread each; returns their results in order.
 
     The caller's intra-op threads are shared out between the groups (each gets max(1, n // groups))
-    and restored afterwards; grad mode, CPU autocast, saved-tensor hooks (e.g. save_on_cpu) and the
-    noprop backend request, all per-thread state in torch and noprop, are carried into the workers. Every group runs to its end; the first
-    group's exception (in group order) is then raised.
+    and restored afterwards. Grad mode, CPU autocast, saved-tensor hooks (e.g. save_on_cpu) and the
+    noprop backend request are per-thread state in torch and noprop: they are carried into the
+    workers. Every group runs to its end; then the first group's exception (in group order) is raised.
     """
     from noprop import dispatch
 

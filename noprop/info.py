@@ -2,7 +2,8 @@
 
 Prints the versions (torch, Triton, CUDA), the devices, and per device a table of every op in
 `noprop.ops.OPS` x every backend in `noprop.dispatch.BACKENDS`: "available" or a footnote with the
-reason from `dispatch.why_unavailable`, plus what `auto` picks for float32 and float64 inputs.
+reason from `dispatch.why_unavailable`, plus what `auto` picks for float32 and float64 inputs and
+how the engine's execution `auto` runs a step's blocks there.
 Nothing here launches a kernel.
 """
 from __future__ import annotations
@@ -35,6 +36,19 @@ def _devices() -> list[tuple[torch.device, str]]:
 def _auto_pick(device: torch.device, dtype: torch.dtype) -> str:
     with dispatch.use_backend("auto"):
         return dispatch.backend_name(device, [dtype])
+
+
+def _execution_pick(device: torch.device) -> str:
+    """What noprop.engine's execution 'auto' does with identical blocks in a step on `device`."""
+    from noprop import engine
+
+    two = [torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)]
+    pick = engine.resolve("auto", two, device)
+    why = {"threads": f"groups of blocks on {torch.get_num_threads()} CPU threads at once",
+           "loop": "one block after another: 1 torch thread, nothing to share out" if device.type == "cpu"
+           else "one block after another",
+           "vmap": "identical blocks stacked into one batched computation"}[pick]
+    return f"{pick} ({why})"
 
 
 def _requested() -> str:
@@ -70,6 +84,7 @@ def report() -> str:
             lines.append("  " + op.ljust(width) + "".join(c.ljust(16) for c in cells).rstrip())
         lines.append(f"  auto picks: {_auto_pick(device, torch.float32)} for float32/float16/bfloat16, "
                      f"{_auto_pick(device, torch.float64)} for float64")
+        lines.append(f"  block execution auto: {_execution_pick(device)}")
     if not torch.cuda.is_available():
         lines += ["", "device cuda: none visible to torch (only the CPU rows apply)"]
     if notes:

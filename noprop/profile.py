@@ -81,7 +81,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=2, help="blocks per chunk in the chunked mode")
     p.add_argument("--data", default="synthetic", help="data source (default: synthetic MNIST-shaped)")
     p.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on CPU, torch's default on CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core; >= 2 lets a CPU step run its blocks on threads)")
     p.add_argument("--out", default="runs/profile", help="directory for trace.json and table.txt")
     p.add_argument("--nvtx", action="store_true", help="also emit NVTX ranges for the stages (for Nsight)")
     p.add_argument("--row-limit", type=int, default=25, help="rows of the per-op table")
@@ -118,7 +118,7 @@ def main_args(args) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device visible to torch")
-    torch.set_num_threads(args.threads or (1 if device.type == "cpu" else torch.get_num_threads()))
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     enable_nvtx(args.nvtx)
     case = Case(args.method, args.mode if args.method == "dt" else "end-to-end", args.execution)
     _, _, train_once = training_step_fn(case, args.data, args.batch, args.T, args.chunk_size, device)

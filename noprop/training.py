@@ -94,6 +94,9 @@ class TrainConfig:
         for name in ("lr", "eta"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.execution == "threads" and str(self.device).split(":")[0] != "cpu":
+            raise ValueError(f"execution 'threads' runs blocks on CPU threads, but device is {self.device!r}: "
+                             "on CUDA use execution 'auto' or 'vmap' (and --cuda-graph for the parallel step)")
         if self.cuda_graph:
             if self.method != "dt" or self.schedule not in graphs.SCHEDULES:
                 raise ValueError(f"cuda_graph: {graphs.WHY_ONLY_PARALLEL}; got method {self.method!r}, "

@@ -17,6 +17,15 @@ def test_main_prints_every_op_and_backend(capsys):
     assert "CUDA tensors only" in out
 
 
+def test_says_how_blocks_execute_for_the_thread_count(capsys, torch_threads):
+    torch_threads(2)
+    info.main()
+    assert "block execution auto: threads (groups of blocks on 2 CPU threads at once)" in capsys.readouterr().out
+    torch_threads(1)
+    info.main()
+    assert "block execution auto: loop (one block after another: 1 torch thread" in capsys.readouterr().out
+
+
 def test_runs_as_a_module():
     done = subprocess.run([sys.executable, "-m", "noprop.info"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

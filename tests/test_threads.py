@@ -192,3 +192,9 @@ def test_split_evenly():
     assert engine.split_evenly([1, 2, 3, 4, 5], 2) == [[1, 2, 3], [4, 5]]
     assert engine.split_evenly([1, 2], 8) == [[1], [2]]
     assert engine.split_evenly([1, 2, 3, 4], 1) == [[1, 2, 3, 4]]
+
+
+def test_threads_on_a_cuda_device_is_refused_at_configuration():
+    with pytest.raises(ValueError, match="runs blocks on CPU threads"):
+        TrainConfig(execution="threads", device="cuda")
+    TrainConfig(execution="threads", device="cpu")  # fine; with one torch thread it runs as loop
