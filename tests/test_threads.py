@@ -1,5 +1,6 @@
 """Threaded execution (noprop.engine, CPU block parallelism) and the keyed dropout that keeps it
 reproducible (noprop.models.dropout)."""
+import importlib
 import threading
 
 import pytest
@@ -12,7 +13,7 @@ from noprop.models import NoPropDT, dt_block_factory
 from noprop.models.dropout import Dropout, block_key, keyed_masks
 from noprop.schedule import DTSchedule
 from noprop.training import Optimizers, TrainConfig, train_step
-from tests.helpers import assert_grads_close_per_block, batch
+from tests.helpers import assert_grads_close_per_block, batch, tiny_dt
 
 
 # ---- keyed dropout ------------------------------------------------------------------------------
@@ -198,3 +199,55 @@ def test_threads_on_a_cuda_device_is_refused_at_configuration():
     with pytest.raises(ValueError, match="runs blocks on CPU threads"):
         TrainConfig(execution="threads", device="cuda")
     TrainConfig(execution="threads", device="cpu")  # fine; with one torch thread it runs as loop
+
+
+needs_interpreter = pytest.mark.skipif(not dispatch.triton_interpreted(),
+                                       reason="runs Triton on CPU tensors: needs TRITON_INTERPRET=1")
+
+
+@needs_interpreter
+def test_interpreted_triton_launches_from_several_threads_at_once():
+    """The Triton interpreter patches module globals while it runs a kernel: the launchers hold a
+    lock for CPU tensors, or threads interpreting at once crash each other."""
+    from noprop.ops import eager
+
+    launcher = importlib.import_module("noprop.kernels.triton.local_loss")
+    g = torch.Generator().manual_seed(0)
+    cases = [(torch.randn(3, 64, 10, generator=g), torch.randn(10, 20, generator=g),
+              torch.randint(0, 10, (64,), generator=g), torch.rand(3, generator=g)) for _ in range(6)]
+    expected = [eager.local_loss(*args) for args in cases]
+    got, errors = {}, []
+
+    def work(i):
+        try:
+            for _ in range(5):  # back-to-back launches, so the threads' interpretations overlap
+                got[i] = launcher.local_loss(*cases[i])
+        except Exception as exc:  # noqa: BLE001  collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for i, want in enumerate(expected):
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
+
+
+@needs_interpreter
+def test_threaded_step_through_interpreted_triton_matches_eager(torch_threads):
+    torch_threads(2)
+    results = []
+    for backend in ("eager", "triton"):
+        torch.manual_seed(0)
+        model = tiny_dt(embedding="learned")
+        for mod in model.modules():  # TinyBlock's nn.Dropout draws in thread order: switch it off
+            if isinstance(mod, nn.Dropout):
+                mod.p = 0.0
+        model.execution = "threads"
+        with dispatch.use_backend(backend):
+            results.append(one_step(model, x=batch()[0], y=batch()[1]))
+    (loss_e, g_e), (loss_t, g_t) = results
+    assert loss_t == pytest.approx(loss_e, rel=1e-5)
+    assert_grads_close_per_block(g_t, g_e, rtol=1e-4)

@@ -1,9 +1,14 @@
 """Launch helpers shared by the Triton op launchers: tile choice and the device guard."""
 from __future__ import annotations
 
-import contextlib
+import threading
 
 import torch
+
+# CPU tensors reach these launchers only under TRITON_INTERPRET=1, whose interpreter patches
+# triton.language's globals while it runs a kernel: two threads interpreting at once (the engine's
+# threaded execution) break each other ("Did you forget to add @triton.jit?"). Serialize them.
+_INTERPRETER_LOCK = threading.Lock()
 
 
 def pow2(n: int, lo: int = 1, hi: int | None = None) -> int:
@@ -15,8 +20,9 @@ def pow2(n: int, lo: int = 1, hi: int | None = None) -> int:
 
 def on_device(t: torch.Tensor):
     """Launch on `t`'s device: Triton launches on the current stream of the *current* CUDA device,
-    so a CUDA tensor on another device than the current one needs this guard."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    so a CUDA tensor on another device than the current one needs this guard. For CPU tensors
+    (the interpreter) it holds the interpreter lock instead: one interpreted launch at a time."""
+    return torch.cuda.device(t.device) if t.is_cuda else _INTERPRETER_LOCK
 
 
 def dot_tiles(B: int, m: int, d: int) -> tuple[int, int, int, int]:
