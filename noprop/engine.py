@@ -123,22 +123,22 @@ def _saved_tensor_hooks():
 def run_threaded(groups: Sequence[Sequence[int]], work: Callable[[int, list[int]], float]) -> list[float]:
     """work(i, groups[i]) for every group at once, one thread each; returns their results in order.
 
-    The caller's intra-op threads are shared out between the groups (each gets max(1, n // groups))
-    and restored afterwards. Grad mode, CPU autocast, saved-tensor hooks (e.g. save_on_cpu) and the
+    The caller's n intra-op threads are shared out between the groups (group i gets n // groups, plus
+    one of the remainder for the first n % groups; at least one) and restored afterwards. Grad mode, CPU autocast, saved-tensor hooks (e.g. save_on_cpu) and the
     noprop backend request are per-thread state in torch and noprop: they are carried into the
     workers. Every group runs to its end; then the first group's exception (in group order) is raised.
     """
     from noprop import dispatch
 
     n = torch.get_num_threads()
-    per_group = max(1, n // len(groups))
+    shares = [max(1, n // len(groups) + (i < n % len(groups))) for i in range(len(groups))]
     grad = torch.is_grad_enabled()
     backend = dispatch.requested_backend()
     autocast = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
     hooks = _saved_tensor_hooks()
 
     def run(i: int, group: list[int]) -> float:
-        torch.set_num_threads(per_group)  # this worker's OpenMP team (and MKL's, restored below)
+        torch.set_num_threads(shares[i])  # this worker's OpenMP team (and MKL's, restored below)
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.set_grad_enabled(grad))
             stack.enter_context(dispatch.use_backend(backend))

@@ -189,6 +189,15 @@ def test_nan_loss_in_a_worker_is_a_clear_error(torch_threads):
         one_step(model, x=x, y=y)
 
 
+def test_run_threaded_shares_out_every_intra_op_thread(torch_threads):
+    torch_threads(5)
+    seen = engine.run_threaded([[1, 2], [3, 4]], lambda i, group: (torch.get_num_threads(), group))
+    assert seen == [(3, [1, 2]), (2, [3, 4])]  # 5 threads: 3 + 2, results in group order
+    assert torch.get_num_threads() == 5
+    torch_threads(2)
+    assert [n for n, _ in engine.run_threaded([[1], [2], [3]], lambda i, g: (torch.get_num_threads(), g))] == [1, 1, 1]
+
+
 def test_split_evenly():
     assert engine.split_evenly([1, 2, 3, 4, 5], 2) == [[1, 2, 3], [4, 5]]
     assert engine.split_evenly([1, 2], 8) == [[1], [2]]
