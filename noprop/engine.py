@@ -19,15 +19,15 @@ so it uses the same cores as a loop step. Measured on the 2-core development CPU
 T = 10 DT blocks, `noprop bench`, bench/results/cpu-amd-epyc-2threads/): a whole parallel step is
 1.17x faster than the loop step with 2 intra-op threads, because these small convolutions scale
 poorly across cores. `auto` picks it on CPU when torch has >= 2
-intra-op threads and a step trains >= 2 blocks. Forward-only calls (inference, `run_blocks`) run
-the blocks as `loop`.
+intra-op threads and a step trains >= 2 blocks. Inference computes every block's image features
+(most of its arithmetic) the same way; `run_blocks` itself always runs its blocks one by one.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -120,7 +120,7 @@ def _saved_tensor_hooks():
         return None
 
 
-def run_threaded(groups: Sequence[Sequence[int]], work: Callable[[int, list[int]], float]) -> list[float]:
+def run_threaded(groups: Sequence[Sequence[int]], work: Callable[[int, list[int]], Any]) -> list[Any]:
     """work(i, groups[i]) for every group at once, one thread each; returns their results in order.
 
     The caller's n intra-op threads are shared out between the groups (group i gets n // groups, plus
@@ -137,7 +137,7 @@ def run_threaded(groups: Sequence[Sequence[int]], work: Callable[[int, list[int]
     autocast = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
     hooks = _saved_tensor_hooks()
 
-    def run(i: int, group: list[int]) -> float:
+    def run(i: int, group: list[int]) -> Any:
         torch.set_num_threads(shares[i])  # this worker's OpenMP team (and MKL's, restored below)
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.set_grad_enabled(grad))

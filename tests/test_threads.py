@@ -189,6 +189,22 @@ def test_nan_loss_in_a_worker_is_a_clear_error(torch_threads):
         one_step(model, x=x, y=y)
 
 
+def test_inference_features_on_threads_give_the_loop_prediction(torch_threads):
+    torch_threads(2)
+    model = dt_model("threads").eval()
+    where = []
+    for block in model.blocks:
+        block.image.register_forward_hook(
+            lambda mod, inp, out: where.append((threading.current_thread().name, out.requires_grad)))
+    x, _ = batch(B=24, image_shape=(1, 16, 16))
+    threaded = model.predict_proba(x, generator=torch.Generator().manual_seed(3))
+    assert len(where) == 4 and all(name.startswith("noprop-blocks") for name, _ in where)
+    assert not any(grad for _, grad in where)  # predict_proba runs under no_grad, and so do its workers
+    model.execution = "loop"
+    looped = model.predict_proba(x, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(threaded, looped, rtol=1e-5, atol=1e-6)
+
+
 def test_run_threaded_shares_out_every_intra_op_thread(torch_threads):
     torch_threads(5)
     seen = engine.run_threaded([[1, 2], [3, 4]], lambda i, group: (torch.get_num_threads(), group))

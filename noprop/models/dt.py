@@ -211,8 +211,17 @@ class NoPropDT(nn.Module):
         return self.predict_proba(x, **kwargs).argmax(dim=-1)
 
     def _block_features(self, x):
-        # Blocks that split image features from the z path run their image branch once per image.
-        return [blk.features(x) if hasattr(blk, "features") else None for blk in self.blocks]
+        """Blocks that split image features from the z path run their image branch once per image:
+        [T] features (None for a block without `features`), in groups on CPU threads at once where
+        the execution resolves to threads (forward only: the bulk of inference's arithmetic)."""
+        def features(ts):
+            return [self.blocks[t - 1].features(x) if hasattr(self.blocks[t - 1], "features") else None for t in ts]
+
+        ts = list(range(1, self.T + 1))
+        if self.resolve_execution(ts, x.device) != "threads":
+            return features(ts)
+        groups = engine.split_evenly(ts, torch.get_num_threads())
+        return [f for part in engine.run_threaded(groups, lambda i, group: features(group)) for f in part]
 
     def _logits_from_features(self, t, x, feats, z):
         if feats is None:
