@@ -251,6 +251,7 @@ def train_step(model, opts: Optimizers, x, y, blocks=None, chunk_size: int | Non
     for i in range(0, len(ts), k):
         chunk = ts[i:i + k]
         if model.resolve_execution(chunk, x.device) == "threads":
+            model.warn_unkeyed_dropout_once()
             groups = engine.split_evenly(chunk, torch.get_num_threads())
             total += sum(engine.run_threaded(groups, lambda j, group: _local_update(
                 model, x, y, group, seed, include_shared=i == 0 and j == 0)))

@@ -2,6 +2,7 @@
 reproducible (noprop.models.dropout)."""
 import importlib
 import threading
+import warnings
 
 import pytest
 import torch
@@ -212,6 +213,21 @@ def test_run_threaded_shares_out_every_intra_op_thread(torch_threads):
     assert torch.get_num_threads() == 5
     torch_threads(2)
     assert [n for n, _ in engine.run_threaded([[1], [2], [3]], lambda i, g: (torch.get_num_threads(), g))] == [1, 1, 1]
+
+
+def test_blocks_with_torch_dropout_warn_once_under_threads(torch_threads):
+    torch_threads(2)
+    user = tiny_dt()  # TinyBlock: torch.nn.Dropout
+    user.execution = "threads"
+    with pytest.warns(UserWarning, match="block 1 \\(TinyBlock\\) uses torch.nn.Dropout"):
+        one_step(user, x=batch()[0], y=batch()[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one_step(user, x=batch()[0], y=batch()[1])  # once per model
+        one_step(dt_model("threads"))  # the DT block's noprop Dropout: keyed, nothing to warn about
+        loop = tiny_dt()
+        loop.execution = "loop"
+        one_step(loop, x=batch()[0], y=batch()[1])
 
 
 def test_split_evenly():

@@ -6,6 +6,7 @@ chain z_0 ~ N(0, I) → z_1 → ... → z_T with `denoise_step`, then the head.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -15,7 +16,7 @@ from torch import nn
 
 from noprop import engine
 from noprop.embeddings import ClassEmbedding
-from noprop.models.dropout import block_key, keyed_masks
+from noprop.models.dropout import Dropout, block_key, keyed_masks
 from noprop.models.inputs import check_images
 from noprop.ops import denoise_step, local_loss, new_seed, noise_inject
 from noprop.profile import stage
@@ -31,6 +32,20 @@ def _rows(ts: Sequence[int]) -> slice | list[int]:
     if ts == list(range(ts[0], ts[0] + len(ts))):
         return slice(ts[0] - 1, ts[0] - 1 + len(ts))
     return [t - 1 for t in ts]
+
+
+def _warn_unkeyed_dropout(blocks) -> None:
+    """One warning if a block holds torch's own nn.Dropout: under threaded execution its masks come
+    from the global generator in whatever order the threads run, so runs are not reproducible."""
+    for t, block in enumerate(blocks, 1):
+        plain = [m for m in block.modules()
+                 if isinstance(m, nn.modules.dropout._DropoutNd) and not isinstance(m, Dropout) and m.p > 0]
+        if plain:
+            warnings.warn(f"block {t} ({type(block).__name__}) uses torch.nn.{type(plain[0]).__name__}: with execution "
+                          "'threads' its masks are drawn from torch's global generator in thread order, so the same "
+                          "seed does not give the same run. noprop.models.Dropout takes the same arguments and keys "
+                          "its masks by step and block; or use execution='loop'.", stacklevel=4)
+            return
 
 
 @dataclass
@@ -166,6 +181,13 @@ class NoPropDT(nn.Module):
     def resolve_execution(self, ts: Sequence[int], device) -> str:
         """How blocks ts (1-based) would run in a training step on `device`: 'loop', 'vmap' or 'threads'."""
         return engine.resolve(self.execution, [self.blocks[t - 1] for t in ts], device)
+
+    def warn_unkeyed_dropout_once(self) -> None:
+        """Called by a threaded training step: one warning per model if a block holds torch's own
+        nn.Dropout (its masks then come from the global generator in thread order)."""
+        if not getattr(self, "_checked_thread_rng", False):
+            self._checked_thread_rng = True
+            _warn_unkeyed_dropout(self.blocks)
 
     def check_locality(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Raise ValueError if any block's local loss reaches another block's parameters (a block
