@@ -17,6 +17,9 @@ def _add_data_args(p):
     p.add_argument("--data-dir", default=None,
                    help="directory with MNIST IDX files or CIFAR-10/100 python batches (torchvision layout)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's, one per core); on CPU the blocks' threads share "
+                        "them out (execution threads/auto)")
 
 
 def _add_train_args(p):
@@ -100,16 +103,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _execution_note(cfg) -> str:
+    """', blocks: threads on 2 CPU threads' and the like: how a DT step's blocks will run."""
+    if cfg.method != "dt":
+        return ""
+    import torch
+    from torch import nn
+
+    from noprop import engine
+
+    per_step = 1 if cfg.schedule == "sequential" else min(cfg.chunk or cfg.T, cfg.T)  # blocks run together
+    pick = engine.resolve(cfg.execution, [nn.Linear(1, 1) for _ in range(per_step)], torch.device(cfg.device))
+    return f", blocks: {pick}" + (f" on {torch.get_num_threads()} CPU threads" if pick == "threads" else "")
+
+
+def _set_threads(args) -> None:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def _train(args) -> int:
     from noprop.data import load
     from noprop.training import fit
 
+    _set_threads(args)
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     cfg = TrainConfig(**values)
     split = load(cfg.data, cfg.data_dir, cfg.seed)
     mode = {"dt": cfg.schedule, "ct": "one network, per-sample t", "fm": "one network, per-sample t"}
     print(f"training {cfg.method} ({mode.get(cfg.method, 'end to end')}) on {split.name}: "
-          f"{len(split.train)} train / {len(split.test)} test images, {cfg.epochs} epochs, device {cfg.device}")
+          f"{len(split.train)} train / {len(split.test)} test images, {cfg.epochs} epochs, device {cfg.device}"
+          f"{_execution_note(cfg)}")
     _, history = fit(cfg, split, args.checkpoint, args.metrics, args.resume, progress=not args.no_progress)
     if history:
         last = history[-1]
@@ -122,6 +150,7 @@ def _eval(args) -> int:
     from noprop.data import load
     from noprop.training import evaluate, load_model
 
+    _set_threads(args)
     model, cfg, _ = load_model(args.checkpoint, args.device)
     split = load(cfg.data, args.data_dir or cfg.data_dir, cfg.seed)
     if args.inference_steps is not None and args.inference_steps < 1:

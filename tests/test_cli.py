@@ -50,3 +50,15 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     assert main(["train", *TINY, "--epochs", "0"]) == 2
     assert "epochs must be >= 1" in capsys.readouterr().err
+    assert main(["train", *TINY, "--threads", "0"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
+    assert main(["train", *TINY, "--execution", "threads", "--device", "cuda"]) == 2
+    assert "runs blocks on CPU threads" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,says", [(["--threads", "2"], "blocks: threads on 2 CPU threads"),
+                                       (["--threads", "1"], "blocks: loop"),
+                                       (["--threads", "2", "--mode", "lean"], "blocks: loop")])
+def test_train_says_how_its_blocks_run_on_the_threads_it_is_given(tmp_path, capsys, torch_threads, args, says):
+    assert main(["train", *TINY, *args, "--checkpoint", str(tmp_path / "t.pt")]) == 0
+    assert says in capsys.readouterr().out.splitlines()[0]
