@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Callable, Sequence
 
 import torch
@@ -66,7 +66,7 @@ def resolve(execution: str, blocks: Sequence[nn.Module], device: torch.device) -
         if torch.device(device).type != "cpu":
             raise ValueError(f"execution 'threads' runs blocks on CPU threads, but the model is on {device}: "
                              "on CUDA use 'vmap' (stacked) or 'auto', and --cuda-graph for the parallel step")
-        return "threads" if len(blocks) > 1 and _intra_op_threads() > 1 else "loop"
+        return "threads" if len(blocks) > 1 and _threads_can_run() else "loop"
     reason = why_not_stackable(blocks)
     if execution == "vmap" and reason and len(blocks) > 1:
         raise ValueError(f"cannot stack these blocks: {reason}")
@@ -79,10 +79,24 @@ def resolve(execution: str, blocks: Sequence[nn.Module], device: torch.device) -
     return "loop" if reason else execution
 
 
-def _intra_op_threads() -> int:
-    # torch.compile cannot trace get_num_threads, and a traced forward never spawns threads anyway
-    # (train_step does, outside any graph)
-    return 1 if torch.compiler.is_compiling() else torch.get_num_threads()
+def _threads_can_run() -> bool:
+    """Whether block threads may run here: >= 2 intra-op threads to share out, and none of the
+    per-thread state that cannot follow a step into its workers: a torch function or dispatch mode
+    (FlopCounterMode, set_default_device, a tracer) would silently not see the workers' ops, and a
+    worker thread itself runs nested work inline. torch.compile cannot trace get_num_threads, and a
+    traced forward never spawns threads anyway (train_step does, outside any graph)."""
+    if torch.compiler.is_compiling() or getattr(_worker, "active", False):
+        return False
+    if any(getattr(torch._C, name, lambda: 0)() for name in ("_len_torch_function_stack", "_len_torch_dispatch_stack")):
+        return False
+    return torch.get_num_threads() > 1
+
+
+def threads_for_inference(execution: str, num_blocks: int, device) -> bool:
+    """Whether inference computes its blocks' features on threads: like resolve, but never raises
+    (a model trained with 'threads' or 'vmap' still predicts wherever it is moved)."""
+    return (torch.device(device).type == "cpu" and execution in ("auto", "threads") and num_blocks > 1
+            and _threads_can_run())
 
 
 def split_evenly(items: Sequence, parts: int) -> list[list]:
@@ -99,6 +113,7 @@ def split_evenly(items: Sequence, parts: int) -> list[list]:
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
+_worker = threading.local()  # .active: this thread is one of run_threaded's workers
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
@@ -123,23 +138,30 @@ def _saved_tensor_hooks():
 def run_threaded(groups: Sequence[Sequence[int]], work: Callable[[int, list[int]], Any]) -> list[Any]:
     """work(i, groups[i]) for every group at once, one thread each; returns their results in order.
 
-    The caller's n intra-op threads are shared out between the groups (group i gets n // groups, plus
-    one of the remainder for the first n % groups; at least one) and restored afterwards. Grad mode, CPU autocast, saved-tensor hooks (e.g. save_on_cpu) and the
-    noprop backend request are per-thread state in torch and noprop: they are carried into the
-    workers. Every group runs to its end; then the first group's exception (in group order) is raised.
+    The caller's n intra-op threads are shared out between the groups (group i gets n // groups,
+    plus one of the remainder for the first n % groups; at least one) and restored afterwards.
+    Grad and inference mode, CPU autocast, saved-tensor hooks (e.g. save_on_cpu) and the noprop
+    backend request are per-thread state in torch and noprop: they are carried into the workers.
+    Every group runs to its end, even when the caller is interrupted (the workers write .grad);
+    then the first group's exception, in group order, is raised. Called from a worker, it runs the
+    groups inline, one after another (a worker waiting on its own pool would deadlock).
     """
     from noprop import dispatch
 
+    if getattr(_worker, "active", False):
+        return [work(i, list(g)) for i, g in enumerate(groups)]
     n = torch.get_num_threads()
     shares = [max(1, n // len(groups) + (i < n % len(groups))) for i in range(len(groups))]
-    grad = torch.is_grad_enabled()
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
     backend = dispatch.requested_backend()
     autocast = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
     hooks = _saved_tensor_hooks()
 
     def run(i: int, group: list[int]) -> Any:
         torch.set_num_threads(shares[i])  # this worker's OpenMP team (and MKL's, restored below)
+        _worker.active = True
         with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode(inference))
             stack.enter_context(torch.set_grad_enabled(grad))
             stack.enter_context(dispatch.use_backend(backend))
             stack.enter_context(torch.autocast("cpu", dtype=autocast[1], enabled=autocast[0]))
@@ -147,9 +169,14 @@ def run_threaded(groups: Sequence[Sequence[int]], work: Callable[[int, list[int]
                 stack.enter_context(torch.autograd.graph.saved_tensors_hooks(*hooks))
             return work(i, group)
 
+    futures = []
     try:
         futures = [_pool(len(groups)).submit(run, i, list(g)) for i, g in enumerate(groups)]
-        errors = [f.exception() for f in futures]  # waits for every group
+        try:
+            errors = [f.exception() for f in futures]  # waits for every group
+        except KeyboardInterrupt:  # let the workers finish writing gradients before the caller goes on
+            wait(futures)
+            raise
     finally:
         torch.set_num_threads(n)  # MKL's thread count is process-wide: give the caller its own back
     for error in errors:

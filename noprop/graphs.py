@@ -61,8 +61,10 @@ _HYPER = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
 def step_body(model: NoPropDT, opts, x: torch.Tensor, y: torch.Tensor):
     """The parallel-mode update on (x, y) as device work only, no host sync: what gets captured.
 
-    Equals `train_step(model, opts, x, y)` after `opts.zero_grad()`: one seed drawn on x's device,
-    every block's loss + CE + KL, backward, one optimizer step. With fused optimizers the step is
+    Equals `train_step(model, opts, x, y)` after `opts.zero_grad()` on CUDA: one seed drawn on x's
+    device, every block's loss + CE + KL, backward, one optimizer step. (On CPU, where the tests
+    run this body, train_step also keys the blocks' dropout masks by the seed; this body draws them
+    from torch's generator, as CUDA's train_step does: reading the seed would be a host sync.) With fused optimizers the step is
     skipped on the device when the loss is not finite (`found_inf`); the caller reads the loss and
     raises. Returns (loss, seed) as detached tensors.
     """

@@ -224,6 +224,30 @@ def _local_update(model: NoPropDT, x, y, blocks, seed, include_shared: bool) -> 
     return loss.item()
 
 
+def _group_update(model: NoPropDT, x, y, group, seed, include_shared: bool, shared: list) -> tuple:
+    """A threaded group's forward and backward: (loss, gradients of the `shared` parameters).
+
+    The group's own blocks' gradients go straight to their .grad (no other group touches those).
+    The shared parameters' (head, a learned embedding) are returned for the caller to add up in
+    group order: threads adding into one .grad would sum in thread-timing order, and with three or
+    more groups float addition makes that visible in the last bits.
+    """
+    dropout_seed = int(seed) if seed.device.type == "cpu" else None
+    loss = model.losses(x, y, group, seed=seed, include_shared=include_shared, dropout_seed=dropout_seed).total
+    _check_finite(loss)
+    own = [p for t in group for p in model.blocks[t - 1].parameters() if p.requires_grad]
+    with stage("noprop.backward"):
+        grads = torch.autograd.grad(loss, own + shared, allow_unused=True)
+    _accumulate(own, grads[:len(own)])
+    return loss.item(), grads[len(own):]
+
+
+def _accumulate(params, grads) -> None:
+    for p, g in zip(params, grads):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad + g
+
+
 def train_step(model, opts: Optimizers, x, y, blocks=None, chunk_size: int | None = None) -> float:
     """One update on minibatch (x, y); for NoProp-DT only `blocks` (1-based, None = all) move.
 
@@ -232,7 +256,8 @@ def train_step(model, opts: Optimizers, x, y, blocks=None, chunk_size: int | Non
     the gradients accumulate, so the update equals the all-at-once step.
     Where the model's execution resolves to 'threads' (CPU, see noprop.engine), each chunk's blocks
     are split into one contiguous group per thread, and the groups' forwards and backwards run at
-    once: the same update again (gradients of shared parameters summed in another order).
+    once: the same update again, up to float rounding (the shared head's and embedding's gradients
+    are summed group by group, in group order: a run on a given thread count repeats bit for bit).
     """
     opts.zero_grad()
     if not isinstance(model, NoPropDT):
@@ -253,8 +278,11 @@ def train_step(model, opts: Optimizers, x, y, blocks=None, chunk_size: int | Non
         if model.resolve_execution(chunk, x.device) == "threads":
             model.warn_unkeyed_dropout_once()
             groups = engine.split_evenly(chunk, torch.get_num_threads())
-            total += sum(engine.run_threaded(groups, lambda j, group: _local_update(
-                model, x, y, group, seed, include_shared=i == 0 and j == 0)))
+            shared = [p for n, p in model.named_parameters() if not n.startswith("blocks.") and p.requires_grad]
+            for loss, shared_grads in engine.run_threaded(groups, lambda j, group: _group_update(
+                    model, x, y, group, seed, i == 0 and j == 0, shared)):
+                total += loss
+                _accumulate(shared, shared_grads)  # in group order: the same sum whatever the timing
         else:
             total += _local_update(model, x, y, chunk, seed, include_shared=i == 0)
     with stage("noprop.optimizer"):

@@ -90,10 +90,34 @@ def test_threaded_step_is_the_loop_step(torch_threads, embedding, schedule):
     """Same loss and gradients as one thread running the blocks in turn; dropout is on, so this
     also checks each block draws the same masks whichever thread runs it."""
     torch_threads(2)
-    loss_t, g_t = one_step(dt_model("threads", embedding), schedule, chunk_size=3)
+    threaded, where = dt_model("threads", embedding), set()
+    for block in threaded.blocks:
+        block.register_forward_hook(lambda *_: where.add(threading.current_thread().name.split("_")[0]))
+    loss_t, g_t = one_step(threaded, schedule, chunk_size=3)
+    # the blocks really ran on the worker threads (chunked: T = 4 in chunks of 3, the last chunk's
+    # single block on the calling thread)
+    assert where == ({"noprop-blocks"} if schedule == "all-blocks" else {"noprop-blocks", "MainThread"})
     loss_l, g_l = one_step(dt_model("loop", embedding), schedule, chunk_size=3)
     assert loss_t == pytest.approx(loss_l, rel=1e-5)
     assert_grads_close_per_block(g_t, g_l, rtol=1e-4)
+
+
+def test_shared_gradients_repeat_bit_for_bit_on_three_threads(torch_threads):
+    """Three groups all add into the learned embedding's gradient (and the first into the head's):
+    summed in group order, not in thread-timing order, every run gives the same bits."""
+    torch_threads(3)
+    x, y = batch()
+    grads = []
+    for _ in range(10):
+        torch.manual_seed(0)
+        model = tiny_dt(T=6, embedding="learned")
+        for mod in model.modules():  # TinyBlock's nn.Dropout would draw in thread order
+            if isinstance(mod, nn.Dropout):
+                mod.p = 0.0
+        model.execution = "threads"
+        grads.append(one_step(model, x=x, y=y)[1])
+    for g in grads[1:]:
+        assert all(torch.equal(g[n], grads[0][n]) for n in grads[0])
 
 
 def test_threaded_step_is_reproducible_for_any_thread_count(torch_threads):
@@ -204,6 +228,48 @@ def test_inference_features_on_threads_give_the_loop_prediction(torch_threads):
     model.execution = "loop"
     looped = model.predict_proba(x, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(threaded, looped, rtol=1e-5, atol=1e-6)
+
+
+def test_prediction_never_depends_on_whether_the_blocks_could_train_stacked(torch_threads):
+    """Inference reads `execution` only to decide on threads: blocks of different structure with
+    execution 'vmap' (which training would refuse to stack) still predict."""
+    torch_threads(2)
+    emb = make_embedding("onehot", 5)
+    widths = iter([32, 16, 32])
+    from tests.helpers import TinyBlock
+    model = NoPropDT(lambda t: TinyBlock(256, emb.dim, 5, width=next(widths)), emb, DTSchedule.cosine(3),
+                     execution="vmap").eval()
+    assert model.predict(torch.randn(4, 1, 16, 16)).shape == (4,)
+    assert not engine.threads_for_inference("threads", 3, torch.device("cuda"))  # never raises either
+
+
+def test_torch_modes_keep_the_blocks_on_the_calling_thread(torch_threads):
+    """A torch function or dispatch mode (here FlopCounterMode) is per thread: it would not see the
+    workers' ops, so the step runs its blocks as a loop and the count is complete."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch_threads(2)
+    counts = []
+    for execution in ("threads", "loop"):
+        model = dt_model(execution)
+        with FlopCounterMode(display=False) as counter:
+            one_step(model)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
+
+
+def test_nested_run_threaded_runs_inline_instead_of_deadlocking(torch_threads):
+    torch_threads(2)
+    done = []
+
+    def outer():
+        inner = lambda i, g: (i, g)  # noqa: E731
+        done.append(engine.run_threaded([[1], [2]], lambda i, g: engine.run_threaded([[i], [i + 10]], inner)))
+
+    t = threading.Thread(target=outer, daemon=True)  # a deadlock would hang the test: watch it from here
+    t.start()
+    t.join(timeout=60)
+    assert done == [[[(0, [0]), (1, [10])], [(0, [1]), (1, [11])]]]
 
 
 def test_run_threaded_shares_out_every_intra_op_thread(torch_threads):

@@ -240,7 +240,7 @@ class NoPropDT(nn.Module):
             return [self.blocks[t - 1].features(x) if hasattr(self.blocks[t - 1], "features") else None for t in ts]
 
         ts = list(range(1, self.T + 1))
-        if self.resolve_execution(ts, x.device) != "threads":
+        if not engine.threads_for_inference(self.execution, self.T, x.device):
             return features(ts)
         groups = engine.split_evenly(ts, torch.get_num_threads())
         return [f for part in engine.run_threaded(groups, lambda i, group: features(group)) for f in part]
