@@ -17,9 +17,9 @@ backward run on a thread of its own (separate autograd graphs, so the backwards 
 too; torch's ops release the GIL). The step's intra-op threads are shared out between the groups,
 so it uses the same cores as a loop step. Measured on the 2-core development CPU (batch 128,
 T = 10 DT blocks, `noprop bench`, bench/results/cpu-amd-epyc-2threads/): a whole parallel step is
-1.17x faster than the loop step with 2 intra-op threads, because these small convolutions scale
-poorly across cores. `auto` picks it on CPU when torch has >= 2
-intra-op threads and a step trains >= 2 blocks. Inference computes every block's image features
+1.16-1.17x faster than the loop step with 2 intra-op threads, because these small convolutions
+scale poorly across cores. `auto` picks it on CPU when torch has >= 2 intra-op threads and a step
+trains >= 2 blocks. Inference computes every block's image features
 (most of its arithmetic) the same way; `run_blocks` itself always runs its blocks one by one.
 """
 from __future__ import annotations
