@@ -108,12 +108,11 @@ def _execution_note(cfg) -> str:
     if cfg.method != "dt":
         return ""
     import torch
-    from torch import nn
 
     from noprop import engine
 
     per_step = 1 if cfg.schedule == "sequential" else min(cfg.chunk or cfg.T, cfg.T)  # blocks run together
-    pick = engine.resolve(cfg.execution, [nn.Linear(1, 1) for _ in range(per_step)], torch.device(cfg.device))
+    pick = engine.resolve_identical(cfg.execution, per_step, cfg.device)
     return f", blocks: {pick}" + (f" on {torch.get_num_threads()} CPU threads" if pick == "threads" else "")
 
 

@@ -61,9 +61,9 @@ def resolve(execution: str, blocks: Sequence[nn.Module], device: torch.device) -
     """
     if execution not in EXECUTIONS:
         raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
-    on_cuda = torch.device(device).type == "cuda"
+    kind = torch.device(device).type
     if execution == "threads":
-        if torch.device(device).type != "cpu":
+        if kind != "cpu":
             raise ValueError(f"execution 'threads' runs blocks on CPU threads, but the model is on {device}: "
                              "on CUDA use 'vmap' (stacked) or 'auto', and --cuda-graph for the parallel step")
         return "threads" if len(blocks) > 1 and _threads_can_run() else "loop"
@@ -71,12 +71,16 @@ def resolve(execution: str, blocks: Sequence[nn.Module], device: torch.device) -
     if execution == "vmap" and reason and len(blocks) > 1:
         raise ValueError(f"cannot stack these blocks: {reason}")
     if execution == "auto":
-        if on_cuda:
+        if kind == "cuda":
             return "vmap" if reason is None else "loop"
-        if torch.device(device).type == "cpu":
-            return resolve("threads", blocks, device)
-        return "loop"
+        return resolve("threads", blocks, device) if kind == "cpu" else "loop"
     return "loop" if reason else execution
+
+
+def resolve_identical(execution: str, num_blocks: int, device) -> str:
+    """`resolve` for `num_blocks` structurally identical blocks (the DT blocks): what a step of that
+    many blocks would run as, asked before any model exists (the CLI's header, `noprop info`)."""
+    return resolve(execution, [nn.Identity() for _ in range(num_blocks)], device)
 
 
 def _threads_can_run() -> bool:

@@ -42,8 +42,7 @@ def _execution_pick(device: torch.device) -> str:
     """What noprop.engine's execution 'auto' does with identical blocks in a step on `device`."""
     from noprop import engine
 
-    two = [torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)]
-    pick = engine.resolve("auto", two, device)
+    pick = engine.resolve_identical("auto", 2, device)
     why = {"threads": f"groups of blocks on {torch.get_num_threads()} CPU threads at once",
            "loop": "one block after another: 1 torch thread, nothing to share out" if device.type == "cpu"
            else "one block after another",

@@ -118,7 +118,8 @@ def main_args(args) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device visible to torch")
-    torch.set_num_threads(args.threads or torch.get_num_threads())
+    if args.threads:
+        torch.set_num_threads(args.threads)
     enable_nvtx(args.nvtx)
     case = Case(args.method, args.mode if args.method == "dt" else "end-to-end", args.execution)
     _, _, train_once = training_step_fn(case, args.data, args.batch, args.T, args.chunk_size, device)

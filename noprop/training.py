@@ -170,8 +170,7 @@ class Optimizers:
             kw["capturable"] = True
         self.blocks = []
         if isinstance(model, NoPropDT):
-            shared = [p for n, p in model.named_parameters() if not n.startswith("blocks.")]
-            shared_group = {"params": shared, "lr": cfg.lr * cfg.effective_shared_lr_scale}
+            shared_group = {"params": model.shared_parameters(), "lr": cfg.lr * cfg.effective_shared_lr_scale}
             if cfg.schedule == "sequential":
                 self.blocks = [torch.optim.AdamW(b.parameters(), **kw) for b in model.blocks]
                 self.shared = torch.optim.AdamW([shared_group], **kw)
@@ -212,13 +211,19 @@ def _check_finite(loss: torch.Tensor) -> None:
         raise FloatingPointError(f"the training loss became {loss.item()}: lower the learning rate or check inputs")
 
 
-def _local_update(model: NoPropDT, x, y, blocks, seed, include_shared: bool) -> float:
-    """Forward and backward of `blocks`' local losses (and CE + KL if include_shared): the loss.
-    On CPU the noise seed's value also keys each block's dropout masks (noprop.models.dropout), so
-    a block's update is the same whichever thread runs it and whichever blocks share its chunk."""
+def _chunk_loss(model: NoPropDT, x, y, blocks, seed, include_shared: bool) -> torch.Tensor:
+    """The total loss of `blocks` (and CE + KL if include_shared), checked finite. On CPU the noise
+    seed's value also keys each block's dropout masks (noprop.models.dropout), so a block's update
+    is the same whichever thread runs it and whichever blocks share its chunk."""
     dropout_seed = int(seed) if seed.device.type == "cpu" else None  # CUDA: no host read of the seed
     loss = model.losses(x, y, blocks, seed=seed, include_shared=include_shared, dropout_seed=dropout_seed).total
     _check_finite(loss)
+    return loss
+
+
+def _local_update(model: NoPropDT, x, y, blocks, seed, include_shared: bool) -> float:
+    """Forward and backward of `blocks`' local losses (and CE + KL if include_shared): the loss."""
+    loss = _chunk_loss(model, x, y, blocks, seed, include_shared)
     with stage("noprop.backward"):
         loss.backward()
     return loss.item()
@@ -232,9 +237,7 @@ def _group_update(model: NoPropDT, x, y, group, seed, include_shared: bool, shar
     group order: threads adding into one .grad would sum in thread-timing order, and with three or
     more groups float addition makes that visible in the last bits.
     """
-    dropout_seed = int(seed) if seed.device.type == "cpu" else None
-    loss = model.losses(x, y, group, seed=seed, include_shared=include_shared, dropout_seed=dropout_seed).total
-    _check_finite(loss)
+    loss = _chunk_loss(model, x, y, group, seed, include_shared)
     own = [p for t in group for p in model.blocks[t - 1].parameters() if p.requires_grad]
     with stage("noprop.backward"):
         grads = torch.autograd.grad(loss, own + shared, allow_unused=True)
@@ -273,12 +276,14 @@ def train_step(model, opts: Optimizers, x, y, blocks=None, chunk_size: int | Non
     k = len(ts) if chunk_size is None else max(1, chunk_size)
     seed = new_seed(x.device)
     total = 0.0
+    shared = None  # the trainable shared parameters, gathered once a threaded chunk needs them
     for i in range(0, len(ts), k):
         chunk = ts[i:i + k]
         if model.resolve_execution(chunk, x.device) == "threads":
             model.warn_unkeyed_dropout_once()
             groups = engine.split_evenly(chunk, torch.get_num_threads())
-            shared = [p for n, p in model.named_parameters() if not n.startswith("blocks.") and p.requires_grad]
+            if shared is None:
+                shared = [p for p in model.shared_parameters() if p.requires_grad]
             for loss, shared_grads in engine.run_threaded(groups, lambda j, group: _group_update(
                     model, x, y, group, seed, i == 0 and j == 0, shared)):
                 total += loss

@@ -178,6 +178,11 @@ class NoPropDT(nn.Module):
                 out.append(self.block_logits(t, x, z[t - 1]))
         return torch.stack(out)
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The parameters outside the blocks (the head, a learned embedding): what every block's
+        step shares."""
+        return [p for n, p in self.named_parameters() if not n.startswith("blocks.")]
+
     def resolve_execution(self, ts: Sequence[int], device) -> str:
         """How blocks ts (1-based) would run in a training step on `device`: 'loop', 'vmap' or 'threads'."""
         return engine.resolve(self.execution, [self.blocks[t - 1] for t in ts], device)
