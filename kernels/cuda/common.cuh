@@ -147,6 +147,23 @@ __device__ __forceinline__ void warp_activation_to_smem(const L* row, int64_t m,
   __syncwarp();
 }
 
+// Index of the largest of p[0..m) (smallest index on ties), the same on every lane. p is in shared
+// memory and the warp was synchronised after writing it.
+__device__ __forceinline__ int64_t warp_argmax_smem(const float* p, int64_t m, int lane) {
+  float best = -INFINITY;
+  int64_t arg = m;
+  for (int64_t c = lane; c < m; c += kWarp) {
+    if (p[c] > best) { best = p[c]; arg = c; }
+  }
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off /= 2) {
+    const float ob = __shfl_xor_sync(0xffffffffu, best, off);
+    const int64_t oa = __shfl_xor_sync(0xffffffffu, arg, off);
+    if (ob > best || (ob == best && oa < arg)) { best = ob; arg = oa; }
+  }
+  return arg < m ? arg : 0;  // a row of NaNs has no maximum: any pivot gives the same NaNs
+}
+
 // Warps per block for the row kernels, given the per-warp shared-memory row length in floats.
 inline int warps_for_row(int64_t row_floats) {
   int64_t w = (16 * 1024) / (row_floats * static_cast<int64_t>(sizeof(float)));

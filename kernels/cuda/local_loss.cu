@@ -3,6 +3,13 @@
 // One warp per row (k, b): p = softmax(logits[k, b]) (or the logits themselves when softmax is off:
 // FM's velocity) goes to shared memory, the residual r = p·W − W[y_b] + offset[b] (offset optional)
 // is formed column by column (lanes over d, W read coalesced, float32 throughout).
+//
+// Accuracy: with a softmax, p·W is formed around the row's most likely class a (the pivot):
+// p·W = W[a] + u with u = Σ_{c≠a} p_c (W[c] − W[a]), exact because Σ p = 1. The backward's
+// softmax term gp_c − Σ_c' p_c' gp_c' becomes coef · r·(W[c] − W[a] − u), also exact. Written the
+// textbook way, a confident row (p_a ≈ 1) cancels two large numbers and the fp32 rounding of p_a
+// itself is amplified (on an H100, 4x the error of eager's own float32 at m = 100); around the pivot
+// p_a never enters, and the error drops below eager's (tests/test_cuda_ext.py's float64 rule).
 // The forward reduces rows to loss[k] with a deterministic ATen mean. The backward writes dlogits
 // directly and, for dW = Σ_rows (p − onehot(y))ᵀ · (coef · r), two float32 scratch matrices that one
 // cuBLAS GEMM contracts (deterministic, no atomics on the tiny [m, d] output).
@@ -11,6 +18,24 @@
 
 namespace noprop_cuda {
 namespace {
+
+// r_j = (p·W)_j − W[y, j] + offset_j for one column j. With a softmax, p·W = W[a] + u around the pivot
+// class a (see the top of the file); u_j is stored to u_out when it is given.
+__device__ __forceinline__ float residual(const float* p, const float* W, const float* wy, const float* off,
+                                          bool softmax, int64_t a, int64_t m, int64_t d, int64_t j,
+                                          float* u_out) {
+  const float target = wy[j] - (off == nullptr ? 0.f : off[j]);
+  if (!softmax) {
+    float acc = 0.f;
+    for (int64_t c = 0; c < m; ++c) acc += p[c] * W[c * d + j];
+    return acc - target;
+  }
+  const float wa = W[a * d + j];
+  float u = 0.f;
+  for (int64_t c = 0; c < m; ++c) u += (c == a ? 0.f : p[c]) * (W[c * d + j] - wa);
+  if (u_out != nullptr) u_out[j] = u;
+  return (wa - target) + u;
+}
 
 // row_out[k·B + b] = weight[k(, b)] · ‖r‖².
 template <typename L>
@@ -31,11 +56,10 @@ __global__ void local_loss_kernel(const L* __restrict__ logits, const float* __r
     warp_activation_to_smem(logits + row * m, m, p, lane, softmax);
     const float* wy = W + safe_label(y, b, m) * d;
     const float* off = offset == nullptr ? nullptr : offset + b * d;
+    const int64_t a = softmax ? warp_argmax_smem(p, m, lane) : 0;
     float sq = 0.f;
     for (int64_t j = lane; j < d; j += kWarp) {
-      float acc = 0.f;
-      for (int64_t c = 0; c < m; ++c) acc += p[c] * W[c * d + j];
-      const float r = acc - wy[j] + (off == nullptr ? 0.f : off[j]);
+      const float r = residual(p, W, wy, off, softmax, a, m, d, j, nullptr);
       sq += r * r;
     }
     sq = warp_sum(sq);
@@ -45,7 +69,8 @@ __global__ void local_loss_kernel(const L* __restrict__ logits, const float* __r
 }
 
 // Per row: dlogits, q = p − onehot(y), gr = coef · r, dweight_rows = grad_loss[k] · ‖r‖² / B,
-// with coef = 2 / B · grad_loss[k] · weight[k(, b)]. Shared memory per warp: p [m], gp [m], r [d].
+// with coef = 2 / B · grad_loss[k] · weight[k(, b)]. Shared memory per warp: p [m], g [m], r [d],
+// u [d] (the pivot sum, softmax only).
 template <typename L>
 __global__ void local_loss_backward_kernel(const float* __restrict__ grad_loss, const L* __restrict__ logits,
                                            const float* __restrict__ W, const int64_t* __restrict__ y,
@@ -57,9 +82,10 @@ __global__ void local_loss_backward_kernel(const float* __restrict__ grad_loss, 
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
   const int64_t warps_per_block = blockDim.x / kWarp;
-  float* p = smem + warp * (2 * m + d);
-  float* gp = p + m;
-  float* r = gp + m;
+  float* p = smem + warp * (2 * m + 2 * d);
+  float* g = p + m;
+  float* r = g + m;
+  float* u = r + d;
   const int64_t n_rows = K * B;
   const float inv_B = 1.f / static_cast<float>(B);
   for (int64_t row = blockIdx.x * warps_per_block + warp; row < n_rows;
@@ -72,34 +98,36 @@ __global__ void local_loss_backward_kernel(const float* __restrict__ grad_loss, 
     const float* off = offset == nullptr ? nullptr : offset + b * d;
     const float gl = grad_loss[k];
     const float coef = 2.f * inv_B * gl * weight[w_per_sample ? row : k];
+    const int64_t a = softmax ? warp_argmax_smem(p, m, lane) : 0;
+    const float* wa = W + a * d;
     float sq = 0.f;
     for (int64_t j = lane; j < d; j += kWarp) {
-      float acc = 0.f;
-      for (int64_t c = 0; c < m; ++c) acc += p[c] * W[c * d + j];
-      const float rj = acc - wy[j] + (off == nullptr ? 0.f : off[j]);
+      const float rj = residual(p, W, wy, off, softmax, a, m, d, j, u);
       r[j] = rj;
       sq += rj * rj;
       gr[row * d + j] = coef * rj;
     }
     sq = warp_sum(sq);
     if (lane == 0) dweight_rows[row] = gl * sq * inv_B;
-    __syncwarp();  // r complete before every lane reads all of it
-    // gp[c] = coef · Σ_j r_j W[c, j] (dL/dp); s = Σ_c gp[c] p[c] (every lane holds the same value).
-    // dlogits = p ⊙ (gp − s) through the softmax, gp itself without it.
-    float s = 0.f;
+    __syncwarp();  // r, u complete before every lane reads all of them
+    // Without a softmax g[c] = dL/dp_c = coef · r·W[c] is dlogits itself. With it, dlogits_c =
+    // p_c (gp_c − Σ_c' p_c' gp_c') and g[c] holds the bracket, coef · r·(W[c] − W[a] − u).
     for (int64_t c = 0; c < m; ++c) {
       float part = 0.f;
-      for (int64_t j = lane; j < d; j += kWarp) part += r[j] * W[c * d + j];
-      const float gpc = coef * warp_sum(part);
-      if (lane == (c % kWarp)) gp[c] = gpc;
-      s += gpc * p[c];
+      if (softmax) {
+        for (int64_t j = lane; j < d; j += kWarp) part += r[j] * ((W[c * d + j] - wa[j]) - u[j]);
+      } else {
+        for (int64_t j = lane; j < d; j += kWarp) part += r[j] * W[c * d + j];
+      }
+      const float gc = coef * warp_sum(part);
+      if (lane == (c % kWarp)) g[c] = gc;
     }
     __syncwarp();
     for (int64_t c = lane; c < m; c += kWarp) {
-      dlogits[row * m + c] = from_f32<L>(softmax ? p[c] * (gp[c] - s) : gp[c]);
+      dlogits[row * m + c] = from_f32<L>(softmax ? p[c] * g[c] : g[c]);
       q[row * m + c] = p[c] - (c == label ? 1.f : 0.f);
     }
-    __syncwarp();  // p, gp, r are overwritten by this warp's next row
+    __syncwarp();  // p, g, r, u are overwritten by this warp's next row
   }
 }
 
@@ -171,8 +199,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_loss_backward(const at::Ten
   check_same_device(op, {&logits, &grad_loss});
   TORCH_CHECK(grad_loss.size(0) == in.K, op, ": grad_loss must have shape [K] = [", in.K, "], got ",
               grad_loss.sizes());
-  const int64_t row_floats = 2 * in.m + in.d;
-  TORCH_CHECK(row_floats <= kMaxSmemFloats, op, ": the CUDA kernel needs 2·m + d <= ", kMaxSmemFloats,
+  const int64_t row_floats = 2 * in.m + 2 * in.d;
+  TORCH_CHECK(row_floats <= kMaxSmemFloats, op, ": the CUDA kernel needs 2·m + 2·d <= ", kMaxSmemFloats,
               ", got m = ", in.m, ", d = ", in.d, " (use NOPROP_BACKEND=triton or eager)");
   const at::Tensor gl = grad_loss.to(at::kFloat).contiguous();
   const auto f32 = logits.options().dtype(at::kFloat);
