@@ -15,6 +15,8 @@ Per mode:
                              linear classifier. Not equal work (about 1/T of it); shown for scale.
   parallel+graph             (--cuda-graph, CUDA only) the parallel step captured once as a CUDA
                              graph and replayed (noprop.graphs): the same update, one launch per step.
+  backprop+graph             (--cuda-graph) backprop's step captured and replayed the same way: the
+                             baseline the parallel+graph rows are divided by (like for like).
 samples_per_s = B / (seconds per step), i.e. training-set samples per second of epoch time: an
 epoch over N samples takes N / samples_per_s seconds in every mode (Algorithm 1's epoch is T
 passes that each update one block).
@@ -60,7 +62,7 @@ REQUIRED_KEYS = ("method", "mode", "device", "batch", "samples_per_s", "ms_per_s
 CSV_COLUMNS = ("method", "mode", "execution", "execution_used", "cuda_graph", "device", "device_name", "batch", "T",
                "chunk_size", "threads", "steps", "repeats", "ms_per_step", "ms_min", "ms_max", "ms_q25",
                "ms_q75", "ms_all", "samples_per_s", "samples_per_s_min", "samples_per_s_max", "ms_per_block_update",
-               "ratio_to_backprop", "mem_ratio_to_backprop", "saved_ratio_to_backprop", "peak_mem_mb",
+               "ratio_to_backprop", "ratio_base", "mem_ratio_to_backprop", "saved_ratio_to_backprop", "peak_mem_mb",
                "peak_mem_kind", "rss_base_mb", "reserved_mem_mb", "nvml_mem_mb", "saved_mb", "equal_work", "isolated", "torch",
                "cuda", "triton", "backend", "data", "loadavg_1min", "commit", "dirty", "timestamp", "error")
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,12 +75,12 @@ class Case:
     method: str
     mode: str  # dt: a training mode; baselines: "end-to-end"
     execution: str  # loop | vmap | threads | auto ("-" for baselines: they run end to end)
-    graph: bool = False  # dt parallel only: the step captured as a CUDA graph and replayed
+    graph: bool = False  # dt parallel and backprop only: the step captured as a CUDA graph and replayed
 
     @property
     def label(self) -> str:
         if self.method != "dt":
-            return self.method
+            return self.method + ("+graph" if self.graph else "")
         return f"dt {self.mode}" + ("+graph" if self.graph else "") + \
             ("" if self.execution in ("auto", "-") else f" ({self.execution})")
 
@@ -87,12 +89,15 @@ def plan(methods, modes, executions, T: int, chunk_size: int, cuda_graph: bool =
     """Cases to run and notes on the ones skipped. vmap and threads are only run where they differ
     from loop: a lean chunk or a sequential step holds one block (nothing to stack or share out), as
     does a chunk of 1.
-    cuda_graph: each dt parallel case is repeated captured as a CUDA graph, after all the other
-    cases (in-process on CUDA, a failed capture could leave the context unusable for what follows)."""
+    cuda_graph: each dt parallel case, and backprop, is repeated captured as a CUDA graph, after all
+    the other cases (in-process on CUDA, a failed capture could leave the context unusable for what
+    follows). A dt graph case is then compared with backprop+graph: replay against replay."""
     cases, notes, graphs = [], [], []
     for method in methods:
         if method in BASELINES:
             cases.append(Case(method, "end-to-end", "-"))
+            if cuda_graph and method == "backprop":
+                graphs.append(Case(method, "end-to-end", "-", graph=True))
             continue
         for mode in modes:
             for ex in executions:
@@ -392,13 +397,21 @@ def summarise(case: Case, runs: list[dict], opts: dict, env: dict) -> dict:
 
 
 def add_ratios(records: list[dict], per_round: dict) -> None:
-    """Throughput, memory and saved-bytes ratios to backprop; throughput per round (side by side)."""
-    base = next((r for r in records if r["method"] == "backprop" and r.get("ms_per_step")), None)
+    """Throughput, memory and saved-bytes ratios to backprop; throughput per round (side by side).
+
+    Like for like: a dt case replayed as a CUDA graph is compared with backprop+graph when that was
+    measured (`ratio_base` names the baseline each record was divided by)."""
+    bases = {label: next((r for r in records if r["label"] == label and r.get("ms_per_step")), None)
+             for label in ("backprop", "backprop+graph")}
     for rec in records:
         rec["ratio_to_backprop"] = rec["mem_ratio_to_backprop"] = rec["saved_ratio_to_backprop"] = None
+        label = "backprop+graph" if rec.get("cuda_graph") and rec["method"] == "dt" and bases["backprop+graph"] \
+            else "backprop"
+        base = bases[label]
+        rec["ratio_base"] = label if base is not None else None
         if base is None or not rec.get("ms_per_step"):
             continue
-        pairs = [(b["ms_per_step"], c["ms_per_step"]) for b, c in zip(per_round["backprop"], per_round[rec["label"]])
+        pairs = [(b["ms_per_step"], c["ms_per_step"]) for b, c in zip(per_round[label], per_round[rec["label"]])
                  if "ms_per_step" in b and "ms_per_step" in c]
         ratios = [b / c for b, c in pairs]  # > 1: faster than backprop
         rec["ratio_to_backprop"] = statistics.median(ratios) if ratios else base["ms_per_step"] / rec["ms_per_step"]
@@ -471,6 +484,8 @@ def table(records: list[dict]) -> str:
         spread = f"[{r['ms_min']:.0f}-{r['ms_max']:.0f}]"
         lines.append(f"{r['label']:<22}{r['ms_per_step']:>10.1f}{spread:>18}"
                      f"{r['samples_per_s']:>11.1f}{ratio:>11}{r['peak_mem_mb']:>9.0f}{saved:>10}{sratio:>11}")
+    if any(r.get("ratio_base") == "backprop+graph" for r in records):
+        lines.append("(+graph rows: x backprop is against backprop+graph, replay against replay)")
     return "\n".join(lines)
 
 
@@ -542,8 +557,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-isolate", dest="isolate", action="store_false", help="run every config in this process")
     p.add_argument("--case-timeout", type=float, default=None, help="seconds before an isolated config is abandoned")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="also run the dt parallel step captured as a CUDA graph and replayed (label 'dt parallel+graph', "
-                        "CUDA only; needs dt and parallel in --methods/--modes)")
+                   help="also run the dt parallel step and the backprop step captured as CUDA graphs and replayed "
+                        "(labels 'dt parallel+graph', 'backprop+graph'; the dt graph rows are compared with "
+                        "backprop+graph; CUDA only; needs dt and parallel in --methods/--modes)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: T=3, batch 16, 1 warmup + 2 steps, 1 repeat, in-process (checks the output, "
                         "not the speed)")

@@ -1,10 +1,12 @@
-"""One whole NoProp-DT training step captured in a CUDA graph (`--cuda-graph`).
+"""One whole NoProp-DT (or backprop baseline) training step captured in a CUDA graph (`--cuda-graph`).
 
 A NoProp-DT step in the parallel / all-blocks mode is a fixed sequence of a few hundred small
 kernels per minibatch (noise for z_0..z_T, T block forwards, the losses, T block backwards, one
 fused AdamW); at small batches the GPU waits on Python to launch them. `CapturedStep` records that
 sequence once with `torch.cuda.CUDAGraph` and then replays it with one launch per step, following
-PyTorch's whole-network capture recipe (docs: "CUDA Graphs", whole-network capture):
+PyTorch's whole-network capture recipe (docs: "CUDA Graphs", whole-network capture). The backprop
+baseline's end-to-end step is captured the same way, so `noprop bench --cuda-graph` compares a
+replayed NoProp step with a replayed backprop step, not with an eager one:
 
 - warm-up steps on a side stream before capture (Triton compilation, cuBLAS/cuDNN handles, the
   optimizer's lazily created state), then the model, optimizer state and RNG are restored, so the
@@ -42,34 +44,42 @@ import warnings
 import torch
 
 from noprop import dispatch
-from noprop.models import NoPropDT
+from noprop.models import BackpropDT, NoPropDT
 from noprop.ops import new_seed
 from noprop.ops.checks import labels as check_labels
 from noprop.profile import stage
 
-# The NoProp-DT modes whose step is captured, and why only these.
+# The NoProp-DT modes whose step is captured (the backprop baseline's is too), and why only these.
 SCHEDULES = ("all-blocks", "parallel")
+METHODS = ("dt", "backprop")
 WHY_ONLY_PARALLEL = (
-    "CUDA graphs capture NoProp-DT's parallel / all-blocks step only (--method dt --mode parallel or all-blocks): "
-    "that step is one fixed sequence of kernels per minibatch with one optimizer. Sequential (Algorithm 1) "
-    "trains a different block with its own optimizer on each pass, chunked and lean exist to cut memory rather "
-    "than launches and have not been made capture-safe, and the backprop/cnn baselines and CT/FM are not "
-    "captured either")
+    "CUDA graphs capture NoProp-DT's parallel / all-blocks step only (--method dt --mode parallel or all-blocks), "
+    "and the backprop baseline's end-to-end step (--method backprop): each is one fixed sequence of kernels per "
+    "minibatch with one optimizer. Sequential (Algorithm 1) trains a different block with its own optimizer on "
+    "each pass, chunked and lean exist to cut memory rather than launches and have not been made capture-safe, "
+    "and the cnn baseline and CT/FM are not captured either")
 _HYPER = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
 
 
-def step_body(model: NoPropDT, opts, x: torch.Tensor, y: torch.Tensor):
+def step_body(model: NoPropDT | BackpropDT, opts, x: torch.Tensor, y: torch.Tensor):
     """The parallel-mode update on (x, y) as device work only, no host sync: what gets captured.
 
     Equals `train_step(model, opts, x, y)` after `opts.zero_grad()` on CUDA: one seed drawn on x's
-    device, every block's loss + CE + KL, backward, one optimizer step. (On CPU, where the tests
+    device, every block's loss + CE + KL, backward, one optimizer step. For the backprop baseline:
+    its end-to-end loss, backward, optimizer step (seed None: its noise comes from torch's generator,
+    which a replay advances like any captured draw). (On CPU, where the tests
     run this body, train_step also keys the blocks' dropout masks by the seed; this body draws them
     from torch's generator, as CUDA's train_step does: reading the seed would be a host sync.) With fused optimizers the step is
     skipped on the device when the loss is not finite (`found_inf`); the caller reads the loss and
     raises. Returns (loss, seed) as detached tensors.
     """
-    seed = new_seed(x.device)
-    loss = model.losses(x, y, seed=seed).total
+    if isinstance(model, NoPropDT):
+        seed = new_seed(x.device)
+        loss = model.losses(x, y, seed=seed).total
+    else:
+        seed = None
+        with stage("noprop.block_forward"):
+            loss = model.loss(x, y)
     with stage("noprop.backward"):
         loss.backward()
     loss = loss.detach()
@@ -139,7 +149,7 @@ def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
 
 def why_not_capturable(model, opts) -> str | None:
     """None if `CapturedStep(model, opts, ...)` can be built here, else the reason."""
-    if not isinstance(model, NoPropDT):
+    if not isinstance(model, (NoPropDT, BackpropDT)):
         return f"{WHY_ONLY_PARALLEL}; got a {type(model).__name__}"
     if getattr(opts, "blocks", None):
         return f"{WHY_ONLY_PARALLEL}; these optimizers are per block (the sequential mode)"
@@ -157,17 +167,17 @@ def why_not_capturable(model, opts) -> str | None:
 
 
 class CapturedStep:
-    """One parallel-mode NoProp-DT training step of `model`, captured as a CUDA graph.
+    """One parallel-mode NoProp-DT training step of `model` (or the backprop baseline's), captured as a CUDA graph.
 
     step = CapturedStep(model, opts, x, y)  # (x, y): a batch of the shape and dtype every call will have
     loss = step(x, y)  # = train_step(model, opts, x, y), one graph launch; returns the loss as a float
 
     `replay(x, y)` does the same without the host sync and returns the static loss tensor (overwritten
-    by the next call). `seed` is the Philox seed the last replay drew. `accepts(x, y)` says whether a
+    by the next call). `seed` is the Philox seed the last replay drew (None for backprop). `accepts(x, y)` says whether a
     batch fits the captured shapes. See the module docstring for the recipe and what is baked in.
     """
 
-    def __init__(self, model: NoPropDT, opts, example_x: torch.Tensor, example_y: torch.Tensor, warmup: int = 3):
+    def __init__(self, model: NoPropDT | BackpropDT, opts, example_x: torch.Tensor, example_y: torch.Tensor, warmup: int = 3):
         reason = why_not_capturable(model, opts)
         if reason:
             raise ValueError(reason)

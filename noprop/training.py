@@ -98,7 +98,7 @@ class TrainConfig:
             raise ValueError(f"execution 'threads' runs blocks on CPU threads, but device is {self.device!r}: "
                              "on CUDA use execution 'auto' or 'vmap' (and --cuda-graph for the parallel step)")
         if self.cuda_graph:
-            if self.method != "dt" or self.schedule not in graphs.SCHEDULES:
+            if self.method not in graphs.METHODS or self.schedule not in graphs.SCHEDULES:
                 raise ValueError(f"cuda_graph: {graphs.WHY_ONLY_PARALLEL}; got method {self.method!r}, "
                                  f"schedule {self.schedule!r}")
             if str(self.device).split(":")[0] != "cuda":

@@ -49,8 +49,7 @@ def assert_same_state(a, b, rtol=0.0, atol=0.0):
 # --- without a GPU: configuration and errors ------------------------------------------------------
 
 @pytest.mark.parametrize("method,schedule", [("dt", "sequential"), ("dt", "chunked"), ("dt", "lean"),
-                                             ("backprop", "all-blocks"), ("cnn", "all-blocks"), ("ct", "all-blocks"),
-                                             ("fm", "all-blocks")])
+                                             ("cnn", "all-blocks"), ("ct", "all-blocks"), ("fm", "all-blocks")])
 def test_config_rejects_cuda_graph_outside_dt_parallel(method, schedule):
     with pytest.raises(ValueError, match="parallel / all-blocks step only") as info:
         TrainConfig(method=method, schedule=schedule, cuda_graph=True, device="cuda")
@@ -63,6 +62,7 @@ def test_config_needs_a_cuda_device_and_defaults_off():
         TrainConfig(cuda_graph=True)
     for schedule in graphs.SCHEDULES:  # a valid combination needs no GPU to describe
         assert TrainConfig(schedule=schedule, cuda_graph=True, device="cuda:0").cuda_graph
+    assert TrainConfig(method="backprop", cuda_graph=True, device="cuda").cuda_graph  # the like-for-like baseline
 
 
 def test_captured_step_refuses_cpu_models_with_a_clear_error():
@@ -79,12 +79,21 @@ def test_captured_step_refuses_other_modes_and_models_saying_which_are_supported
     seq = Optimizers(model, TrainConfig(T=model.T, schedule="sequential"))
     with pytest.raises(ValueError, match="parallel / all-blocks.*per block"):
         graphs.CapturedStep(model, seq, x, y)
+    from noprop.models import CNNClassifier
+    cnn = CNNClassifier((1, 28, 28), 5)
+    with pytest.raises(ValueError, match="parallel / all-blocks.*backprop baseline.*CNNClassifier"):
+        graphs.CapturedStep(cnn, Optimizers(cnn, TrainConfig(method="cnn", T=2)), x, y)
+    # the backprop baseline is capturable: on this CPU model only the device is wrong
+    bp = _tiny_backprop()
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        graphs.CapturedStep(bp, Optimizers(bp, TrainConfig(method="backprop", T=2)), x, y)
+
+
+def _tiny_backprop(T=2, m=5):
     from noprop.embeddings import make_embedding
     from tests.helpers import TinyBlock
-    emb = make_embedding("onehot", 5)
-    bp = BackpropDT(lambda t: TinyBlock(16, emb.dim, 5), emb, num_blocks=2)
-    with pytest.raises(ValueError, match="parallel / all-blocks.*BackpropDT"):
-        graphs.CapturedStep(bp, Optimizers(bp, TrainConfig(method="backprop", T=2)), x, y)
+    emb = make_embedding("onehot", m)
+    return BackpropDT(lambda t: TinyBlock(16, emb.dim, m), emb, num_blocks=T)
 
 
 def test_capturable_optimizers_need_cuda_and_survive_a_checkpoint_round_trip():
@@ -128,7 +137,7 @@ def test_bench_plan_adds_the_graph_cases_after_all_others():
                           cuda_graph=True)
     labels = [c.label for c in cases]
     assert labels == ["dt parallel (loop)", "dt parallel (vmap)", "dt lean (loop)", "backprop",
-                      "dt parallel+graph (loop)", "dt parallel+graph (vmap)"]
+                      "dt parallel+graph (loop)", "dt parallel+graph (vmap)", "backprop+graph"]
     assert len(set(labels)) == len(labels)
     plain, _ = bench.plan(["dt"], ["parallel"], ["auto"], T=3, chunk_size=2)
     assert [c.label for c in plain] == ["dt parallel"] and not plain[0].graph
@@ -169,6 +178,42 @@ def test_step_body_is_the_eager_train_step(one_torch_thread):
         loss, seed = graphs.step_body(b, ob, x, y)
         assert loss.item() == eager and seed.shape == (1,)
     assert_same_state(state_of(a, oa), state_of(b, ob))
+
+
+def test_step_body_of_the_backprop_baseline_is_its_eager_train_step(one_torch_thread):
+    torch.manual_seed(0)
+    a = _tiny_backprop()
+    b = copy.deepcopy(a)
+    cfg = TrainConfig(method="backprop", T=2)
+    oa, ob = Optimizers(a, cfg), Optimizers(b, cfg)
+    for i in range(3):
+        x, y = batch(seed=i)
+        torch.manual_seed(100 + i)
+        eager = train_step(a, oa, x, y)
+        torch.manual_seed(100 + i)
+        ob.zero_grad()
+        loss, seed = graphs.step_body(b, ob, x, y)
+        assert loss.item() == eager and seed is None
+    assert_same_state(state_of(a, oa), state_of(b, ob))
+
+
+def test_dt_graph_rows_are_divided_by_backprop_graph_when_it_was_measured():
+    def rec(label, method, ms, graph):
+        return {"label": label, "method": method, "ms_per_step": ms, "cuda_graph": graph, "peak_mem_mb": 1.0,
+                "device": "cuda"}
+    recs = [rec("backprop", "backprop", 40.0, False), rec("dt parallel", "dt", 20.0, False),
+            rec("backprop+graph", "backprop", 10.0, True), rec("dt parallel+graph", "dt", 5.0, True)]
+    per_round = {r["label"]: [{"ms_per_step": r["ms_per_step"]}] for r in recs}
+    bench.add_ratios(recs, per_round)
+    by = {r["label"]: r for r in recs}
+    assert by["dt parallel"]["ratio_to_backprop"] == pytest.approx(2.0) and by["dt parallel"]["ratio_base"] == "backprop"
+    assert by["dt parallel+graph"]["ratio_to_backprop"] == pytest.approx(2.0)  # 10 / 5, not 40 / 5
+    assert by["dt parallel+graph"]["ratio_base"] == "backprop+graph"
+    assert by["backprop+graph"]["ratio_to_backprop"] == pytest.approx(4.0)  # what graphs do for backprop
+    assert "against backprop+graph" in bench.table([dict(r, samples_per_s=1.0, ms_min=1.0, ms_max=1.0) for r in recs])
+    without = [r for r in recs if r["label"] != "backprop+graph"]
+    bench.add_ratios(without, per_round)
+    assert without[-1]["ratio_to_backprop"] == pytest.approx(8.0) and without[-1]["ratio_base"] == "backprop"
 
 
 class _OpCounter(TorchDispatchMode):
@@ -333,6 +378,25 @@ def test_replays_equal_eager_steps_with_the_same_generator(monkeypatch, backend,
     torch.cuda.manual_seed(123)
     eager = [train_step(twin, twin_opts, x, y) for x, y in data]
     assert len(set(captured)) == len(captured)
+    assert captured == pytest.approx(eager, rel=1e-5)
+    assert_same_state(state_of(model, opts), state_of(twin, twin_opts), rtol=1e-5, atol=1e-6)
+
+
+@gpu
+def test_backprop_replays_equal_its_eager_steps():
+    """The like-for-like baseline of `noprop bench --cuda-graph`: replayed backprop is backprop."""
+    torch.manual_seed(0)
+    model = _tiny_backprop(T=3).cuda()
+    twin = copy.deepcopy(model)
+    cfg = TrainConfig(method="backprop", T=3, cuda_graph=True, device="cuda")
+    opts, twin_opts = Optimizers(model, cfg), Optimizers(twin, cfg)
+    data = _cuda_batches(4)
+    torch.cuda.manual_seed(7)
+    step = graphs.CapturedStep(model, opts, *data[0])
+    captured = [step(x, y) for x, y in data]
+    torch.cuda.manual_seed(7)
+    eager = [train_step(twin, twin_opts, x, y) for x, y in data]
+    assert step.seed is None and len(set(captured)) == len(captured)
     assert captured == pytest.approx(eager, rel=1e-5)
     assert_same_state(state_of(model, opts), state_of(twin, twin_opts), rtol=1e-5, atol=1e-6)
 
