@@ -9,7 +9,10 @@
    with a target offset, denoise_step as an Euler step), turns each time into achieved GB/s from the bytes the op
    must move at least (inputs read once, outputs written once), compares that with the device's
    copy bandwidth (a large clone: the roofline), prints a table and writes JSON rows to
-   OUT_DIR/bench_ops.json. Without a GPU it says so and exits 0 (``--allow-cpu`` times eager on the
+   OUT_DIR/bench_ops.json. The eager backend draws the backends' bit-compatible Philox noise with
+   int64 torch ops, which is slow, so the ops that draw noise also get a `torch` row: the plain
+   composition a user would write with torch.randn (its noise differs), the honest baseline for
+   "x torch". Without a GPU it says so and exits 0 (``--allow-cpu`` times eager on the
    CPU with a wall clock, to smoke-test this script).
 """
 from __future__ import annotations
@@ -34,6 +37,37 @@ OPS = ("noise_inject", "noise_inject_backward", "local_loss", "local_loss_backwa
 # NoProp-FM's variants of the same ops: (function, what they add to its arguments).
 VARIANTS = {"local_loss_fm": "local_loss", "local_loss_fm_backward": "local_loss_backward",
             "euler_step": "denoise_step"}
+
+
+def _torch_noise_inject(W, y, sa, s1m, seed):
+    K, (B, d) = sa.shape[0], (y.shape[0], W.shape[1])
+    return sa[:, None, None] * W[y] + s1m[:, None, None] * torch.randn(K, B, d, device=W.device, dtype=W.dtype)
+
+
+def _torch_noise_inject_backward(eps):
+    # Autograd of the line above; the composition keeps its forward's ε (passed in, not timed).
+    def backward(grad, W, y, sa, s1m, seed):
+        h = (sa[:, None, None] * grad).sum(0)
+        dW = torch.zeros_like(W).index_add_(0, y, h)
+        return dW, (grad * W[y]).sum((1, 2)), (grad * eps).sum((1, 2))
+    return backward
+
+
+def _torch_denoise_step(logits, W, z, a, b, sqrt_c, seed, softmax=True):
+    act = torch.softmax(logits, -1) if softmax else logits
+    return a * (act @ W) + b * z + sqrt_c * torch.randn_like(z)
+
+
+def torch_baseline(op: str, args: tuple):
+    """The torch.randn composition of an op that draws noise (None for the others, whose eager
+    composition is already the plain one)."""
+    if op == "noise_inject":
+        return _torch_noise_inject
+    if op == "noise_inject_backward":
+        return _torch_noise_inject_backward(torch.randn_like(args[0]))
+    if op == "denoise_step":
+        return _torch_denoise_step
+    return None
 
 
 def op_function(backend: str, op: str):
@@ -121,13 +155,14 @@ def run(out_dir: Path | None, dtype: torch.dtype, device: torch.device) -> list[
     path = None if out_dir is None else out_dir / "bench_ops.json"
     print(f"device: {name} | copy bandwidth (roofline): {roof:.0f} GB/s | dtype {dtype}")
     print(f"{'K':>3} {'B':>5} {'m':>4} {'d':>5}  {'op':<24}{'backend':<8}{'ms':>10}{'GB/s':>9}{'of roof':>9}"
-          f"{'x eager':>9}")
+          f"{'x eager':>9}{'x torch':>9}")
 
     def add(row):  # print it now and rewrite the JSON: a run cut short keeps every row so far
         rows.append(row)
         head = f"{row['K']:>3} {row['B']:>5} {row['m']:>4} {row['d']:>5}  {row['op']:<24}{row['backend']:<8}"
         if "ms" in row:
-            speedup = f"{row['speedup_vs_eager']:>9.2f}" if row.get("speedup_vs_eager") else f"{'-':>9}"
+            speedup = "".join(f"{row[key]:>9.2f}" if row.get(key) else f"{'-':>9}"
+                              for key in ("speedup_vs_eager", "speedup_vs_torch"))
             print(head + f"{row['ms']:>10.4f}{row['gbs']:>9.1f}{row['fraction_of_roofline']:>9.1%}" + speedup,
                   flush=True)
         else:
@@ -138,25 +173,30 @@ def run(out_dir: Path | None, dtype: torch.dtype, device: torch.device) -> list[
     for K, B, m, d in configs:
         for op in OPS:
             args, nbytes = make_case(op, K, B, m, d, dtype, device)
-            eager_ms = None
-            for backend in ("eager",) + tuple(b for b in dispatch.BACKENDS if b != "eager"):  # eager first: the base
+            eager_ms = torch_ms = None
+            plain = torch_baseline(op, args)
+            backends = ("torch",) if plain is not None else ()
+            backends += ("eager",) + tuple(b for b in dispatch.BACKENDS if b != "eager")  # the bases first
+            for backend in backends:
                 row = dict(op=op, backend=backend, K=K, B=B, m=m, d=d, dtype=str(dtype).removeprefix("torch."),
                            bytes=nbytes, device=name, torch=torch.__version__, triton=triton_version,
                            roofline_gbs=round(roof, 1))
-                reason = backend_reason(backend, device)
+                reason = None if backend == "torch" else backend_reason(backend, device)
                 if reason:
                     add(dict(row, skipped=reason))
                     continue
-                fn = op_function(backend, op)
+                fn = plain if backend == "torch" else op_function(backend, op)
                 try:
                     ms = time_ms(lambda: fn(*args), device)
                 except Exception as exc:  # report and keep going: one broken backend must not hide the rest
                     add(dict(row, error=f"{type(exc).__name__}: {exc}"))
                     continue
                 eager_ms = ms if backend == "eager" else eager_ms
+                torch_ms = ms if backend == "torch" else torch_ms
                 gbs = nbytes / ms / 1e6
                 add(dict(row, ms=round(ms, 5), gbs=round(gbs, 1), fraction_of_roofline=round(gbs / roof, 3),
-                         speedup_vs_eager=round(eager_ms / ms, 3) if eager_ms else None))
+                         speedup_vs_eager=round(eager_ms / ms, 3) if eager_ms and backend != "torch" else None,
+                         speedup_vs_torch=round(torch_ms / ms, 3) if torch_ms else None))
     if path is not None:
         print(f"wrote {len(rows)} rows to {path}")
     return rows
