@@ -169,6 +169,8 @@ if [[ $DRY == 0 ]]; then
   step bench-b128 150 "${NOPROP[@]}" bench --device cuda --batch 128 --execution both --cuda-graph --repeats "$REPEATS" \
     --json "$OUT/bench_b128.json" --csv "$OUT/bench_b128.csv"
   step profile 60 "${NOPROP[@]}" profile --device cuda --steps 3 --nvtx --out "$OUT/profile"
+  # The main job on the GPU: accuracy and wall time of DT and backprop, each step replayed as a graph.
+  step train 100 env PYTHON="$PYTHON" bash bench/gpu_train.sh "$OUT"
   # The same DT step with each op backend (end-to-end effect of the fused kernels).
   step bench-backends 100 bash -c "rc=0; for b in eager triton cuda; do echo \"== NOPROP_BACKEND=\$b\"; NOPROP_BACKEND=\$b ${NOPROP[*]} bench --device cuda --batch 1024 --methods dt,backprop --modes parallel,lean --repeats 2 --json '$OUT/bench_backend_'\$b.json || { echo \"backend \$b failed\"; rc=1; }; done; exit \$rc"
   step bench-ops-bf16 60 "$PYTHON" bench/bench_ops.py "$OUT/ops_bf16" --dtype bfloat16
@@ -207,6 +209,13 @@ for path in sorted(out.glob("bench_*.json")):
         ratio = f"{r['ratio_to_backprop']:.2f}" if r.get("ratio_to_backprop") else "-"
         print(f"  {r['label']:<22}{r['ms_per_step']:>9.2f}{r['samples_per_s']:>11.0f}{ratio:>7}"
               f"{r['peak_mem_mb']:>9.0f}{(r.get('saved_mb') or 0):>9.1f}")
+for path in sorted(out.glob("train_*.jsonl")):
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if recs:
+        last = recs[-1]
+        print(f"\n{path.stem}: {last.get('method')} epoch {last.get('epoch')}: test accuracy {last.get('test_acc', 0):.2%}, "
+              f"{last.get('elapsed_s', 0):.1f} s of training, {last.get('samples_per_s', 0):.0f} samples/s, "
+              f"peak {last.get('peak_mem_mb') or 0:.0f} MB")
 ops = out / "ops_fp32" / "bench_ops.json"
 if ops.exists():
     rows = [r for r in json.loads(ops.read_text()) if "ms" in r]

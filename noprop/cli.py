@@ -33,8 +33,9 @@ def _add_train_args(p):
                         "at a time: least memory), sequential (paper's Algorithm 1: one pass over the data per block)")
     p.add_argument("--chunk-size", type=int, default=DEFAULTS.chunk_size, help="blocks per chunk in --mode chunked")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="dt, mode parallel/all-blocks, --device cuda: capture the training step once as a CUDA graph "
-                        "and replay it for every full batch (fresh noise each replay; a last partial batch runs eagerly)")
+                   help="dt in mode parallel/all-blocks, or backprop, with --device cuda: capture the training step "
+                        "once as a CUDA graph and replay it for every full batch (fresh noise each replay; a last "
+                        "partial batch runs eagerly)")
     p.add_argument("--execution", choices=("auto", "loop", "vmap", "threads"), default=DEFAULTS.execution,
                    help="how the blocks of a step run: one by one (loop), stacked with vmap, in groups on CPU "
                         "threads at once (threads: block parallelism, sharing torch's intra-op threads), or auto "

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The main job on a GPU, for bench/gpu_check.sh: `noprop train` of NoProp-DT replayed as a CUDA graph,
+# backprop replayed the same way, then NoProp-DT eager. Per-epoch metrics (test accuracy, samples/s,
+# elapsed training time, peak memory) land in OUTDIR/train_<name>.jsonl; checkpoints in a scratch dir.
+#
+#   bench/gpu_train.sh OUTDIR        (env PYTHON: the interpreter with CUDA torch, default python3)
+set -uo pipefail
+OUT=${1:?usage: bench/gpu_train.sh OUTDIR}
+PYTHON=${PYTHON:-python3}
+SCRATCH=$(mktemp -d)
+rc=0
+run() {
+  local name=$1; shift
+  echo "== noprop train --device cuda $*"
+  local t0; t0=$(date +%s)
+  "$PYTHON" -m noprop train --device cuda --no-progress "$@" --metrics "$OUT/train_$name.jsonl" \
+    --checkpoint "$SCRATCH/$name.pt" || rc=1
+  echo "== $name: $(( $(date +%s) - t0 )) s wall"
+}
+run dt-graph --cuda-graph
+run backprop-graph --method backprop --cuda-graph
+run dt
+rm -rf "$SCRATCH"
+exit $rc
