@@ -166,7 +166,7 @@ if [[ $DRY == 0 ]]; then
   step bench-ops 90 "$PYTHON" bench/bench_ops.py "$OUT/ops_fp32"
   step bench-b1024 120 "${NOPROP[@]}" bench --device cuda --batch 1024 --execution both --cuda-graph --repeats "$REPEATS" \
     --json "$OUT/bench_b1024.json" --csv "$OUT/bench_b1024.csv"
-  step bench-b128 150 "${NOPROP[@]}" bench --device cuda --batch 128 --execution both --cuda-graph --repeats "$REPEATS" \
+  step bench-b128 150 "${NOPROP[@]}" bench --device cuda --batch 128 --chunk-size 5 --execution both --cuda-graph --repeats "$REPEATS" \
     --json "$OUT/bench_b128.json" --csv "$OUT/bench_b128.csv"
   step profile 60 "${NOPROP[@]}" profile --device cuda --steps 3 --nvtx --out "$OUT/profile"
   # The main job on the GPU: accuracy and wall time of DT and backprop, each step replayed as a graph.

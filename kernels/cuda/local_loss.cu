@@ -19,22 +19,41 @@
 namespace noprop_cuda {
 namespace {
 
-// r_j = (p·W)_j − W[y, j] + offset_j for one column j. With a softmax, p·W = W[a] + u around the pivot
-// class a (see the top of the file); u_j is stored to u_out when it is given.
-__device__ __forceinline__ float residual(const float* p, const float* W, const float* wy, const float* off,
-                                          bool softmax, int64_t a, int64_t m, int64_t d, int64_t j,
-                                          float* u_out) {
-  const float target = wy[j] - (off == nullptr ? 0.f : off[j]);
-  if (!softmax) {
-    float acc = 0.f;
-    for (int64_t c = 0; c < m; ++c) acc += p[c] * W[c * d + j];
-    return acc - target;
+// Columns a lane handles at once: kCols independent accumulators per lane, so the loop over the m
+// classes reads p_c once per kCols columns and keeps kCols FMA chains in flight (one column per lane
+// left a warp waiting on each load; 4 columns per lane is 128 per warp pass).
+constexpr int kCols = 4;
+
+// The residual for the columns j = j0 + lane + 32·t (t < kCols) of one row: r[t] = (p·W)_j − W[y, j] +
+// offset_j, and u[t] the pivot sum (softmax only: p·W = W[a] + u around the pivot class a, see the top
+// of the file). Columns ≥ d give r = u = 0. Each column still sums its classes in order c = 0..m−1.
+__device__ __forceinline__ void residuals(const float* p, const float* W, const float* wy, const float* off,
+                                          bool softmax, int64_t a, int64_t m, int64_t d, int64_t j0, int lane,
+                                          float (&r)[kCols], float (&u)[kCols]) {
+  int64_t col[kCols];
+  bool ok[kCols];
+  float wa[kCols], acc[kCols];
+#pragma unroll
+  for (int t = 0; t < kCols; ++t) {
+    col[t] = j0 + lane + static_cast<int64_t>(kWarp) * t;
+    ok[t] = col[t] < d;
+    wa[t] = ok[t] && softmax ? W[a * d + col[t]] : 0.f;
+    acc[t] = 0.f;
   }
-  const float wa = W[a * d + j];
-  float u = 0.f;
-  for (int64_t c = 0; c < m; ++c) u += (c == a ? 0.f : p[c]) * (W[c * d + j] - wa);
-  if (u_out != nullptr) u_out[j] = u;
-  return (wa - target) + u;
+  for (int64_t c = 0; c < m; ++c) {
+    const float pc = softmax && c == a ? 0.f : p[c];
+    const float* wc = W + c * d;
+#pragma unroll
+    for (int t = 0; t < kCols; ++t) {
+      if (ok[t]) acc[t] += pc * (wc[col[t]] - wa[t]);  // wa = 0 without a softmax: plain p·W
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kCols; ++t) {
+    const float target = ok[t] ? wy[col[t]] - (off == nullptr ? 0.f : off[col[t]]) : 0.f;
+    r[t] = ok[t] ? (softmax ? (wa[t] - target) + acc[t] : acc[t] - target) : 0.f;
+    u[t] = acc[t];
+  }
 }
 
 // row_out[k·B + b] = weight[k(, b)] · ‖r‖².
@@ -58,9 +77,11 @@ __global__ void local_loss_kernel(const L* __restrict__ logits, const float* __r
     const float* off = offset == nullptr ? nullptr : offset + b * d;
     const int64_t a = softmax ? warp_argmax_smem(p, m, lane) : 0;
     float sq = 0.f;
-    for (int64_t j = lane; j < d; j += kWarp) {
-      const float r = residual(p, W, wy, off, softmax, a, m, d, j, nullptr);
-      sq += r * r;
+    for (int64_t j0 = 0; j0 < d; j0 += kWarp * kCols) {
+      float r[kCols], u[kCols];
+      residuals(p, W, wy, off, softmax, a, m, d, j0, lane, r, u);
+#pragma unroll
+      for (int t = 0; t < kCols; ++t) sq += r[t] * r[t];
     }
     sq = warp_sum(sq);
     if (lane == 0) row_out[row] = weight[w_per_sample ? row : k] * sq;
@@ -101,11 +122,19 @@ __global__ void local_loss_backward_kernel(const float* __restrict__ grad_loss, 
     const int64_t a = softmax ? warp_argmax_smem(p, m, lane) : 0;
     const float* wa = W + a * d;
     float sq = 0.f;
-    for (int64_t j = lane; j < d; j += kWarp) {
-      const float rj = residual(p, W, wy, off, softmax, a, m, d, j, u);
-      r[j] = rj;
-      sq += rj * rj;
-      gr[row * d + j] = coef * rj;
+    for (int64_t j0 = 0; j0 < d; j0 += kWarp * kCols) {
+      float rt[kCols], ut[kCols];
+      residuals(p, W, wy, off, softmax, a, m, d, j0, lane, rt, ut);
+#pragma unroll
+      for (int t = 0; t < kCols; ++t) {
+        const int64_t j = j0 + lane + static_cast<int64_t>(kWarp) * t;
+        if (j < d) {
+          r[j] = rt[t];
+          u[j] = ut[t];
+          sq += rt[t] * rt[t];
+          gr[row * d + j] = coef * rt[t];
+        }
+      }
     }
     sq = warp_sum(sq);
     if (lane == 0) dweight_rows[row] = gl * sq * inv_B;
