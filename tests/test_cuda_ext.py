@@ -235,18 +235,34 @@ def test_mixed_dtypes_follow_eager(gpu):
         assert g_.dtype == s_.dtype and g_.shape == s_.shape
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 10), (10, 7, 784), (3, 1000, 20)])
-def test_noise_identical_to_eager_philox(gpu, shape):
+# d % 4 != 0 (a masked tail quad per row: 1, 5, 10, 261) and d % 4 == 0 (the 4-wide vector path).
+@pytest.mark.parametrize("shape", [(1, 1, 10), (10, 7, 784), (3, 1000, 20), (3, 17, 1), (2, 9, 5), (2, 33, 261)])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "W-offset"])
+def test_noise_identical_to_eager_philox(gpu, shape, aligned):
     K, B, d = shape
-    W = torch.randn(10, d, device=gpu)
+    # W offset by one element: not 16-byte aligned, so even d % 4 == 0 takes the scalar path.
+    W = torch.zeros(10 * d + 1, device=gpu)[(0 if aligned else 1):][:10 * d].view(10, d)
     y = torch.randint(0, 10, (B,), device=gpu)
     seed = torch.tensor([2**40 + 12345], device=gpu, dtype=torch.long)
     zero, one = torch.zeros(K, device=gpu), torch.ones(K, device=gpu)
-    eps_cuda = cuda_ext.noise_inject(torch.zeros_like(W), y, zero, one, seed)
+    eps_cuda = cuda_ext.noise_inject(W, y, zero, one, seed)
     eps_ref = eager.noise(seed, K, B, d, torch.float32, gpu)
     assert (eps_cuda - eps_ref).abs().max().item() <= 1e-5
     eps64 = eager.noise(seed, K, B, d, torch.float64, gpu)
     assert (eps_cuda.double() - eps64).abs().max().item() <= 1e-5
+    # The backward regenerates that very ε: d_sqrt_one_minus_abar[k, b] = Σ_j g·ε.
+    g = torch.randn(K, B, d, device=gpu)
+    per_sample = torch.ones(K, B, device=gpu)
+    _, _, d_s1m = cuda_ext.noise_inject_backward(g, W, y, per_sample, per_sample, seed)
+    torch.testing.assert_close(d_s1m.double(), (g.double() * eps64).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("B,d", [(1, 1), (7, 3), (33, 37), (5, 784)])
+def test_denoise_step_noise_identical_to_eager_philox(gpu, B, d):
+    seed = torch.tensor([2**40 + 777], device=gpu, dtype=torch.long)
+    logits, W = torch.randn(B, 10, device=gpu), torch.randn(10, d, device=gpu)
+    eps = cuda_ext.denoise_step(logits, W, torch.zeros(B, d, device=gpu), 0.0, 0.0, 1.0, seed)
+    assert (eps.double() - eager.noise(seed, 1, B, d, torch.float64, gpu)[0]).abs().max().item() <= 1e-5
 
 
 def test_same_seed_same_noise_new_seed_new_noise(gpu):

@@ -99,12 +99,14 @@ def test_softmax_free_variant_is_an_euler_step():
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_noise_is_the_eager_philox_stream_and_seeded():
-    B, d = 64, 20
+# d = 20: whole quads, one tile; d = 3 and 37: a tail quad per row; 37 also two tiles (BLOCK_D = 32).
+@pytest.mark.parametrize("B,d", [(64, 20), (9, 3), (17, 37)])
+def test_noise_is_the_eager_philox_stream_and_seeded(B, d):
     logits, W, z, seed = _inputs(B, 10, d, torch.float32)
     noisy = _step("triton", logits, W, z, seed, coefs=(0.35, 0.8, 1.0))
     mean = _step("triton", logits, W, z, seed, coefs=(0.35, 0.8, 0.0))
-    # sqrt_c = 1: the difference is ε itself, ε[b, j] = counter b·d + j (up to one rounding of z).
+    # sqrt_c = 1: the difference is ε itself, ε[b, j] = lane j % 4 of counter b·⌈d/4⌉ + j // 4 (up to
+    # one rounding of z).
     torch.testing.assert_close(noisy - mean, philox_randn(seed, (B, d)), rtol=0, atol=1e-5)
     again = _step("triton", logits, W, z, seed.clone(), coefs=(0.35, 0.8, 1.0))
     other = _step("triton", logits, W, z, seed + 1, coefs=(0.35, 0.8, 1.0))

@@ -93,8 +93,9 @@ def test_same_seed_is_bitwise_identical_and_seeds_differ():
     assert (z1 != z3).float().mean() > 0.99
 
 
-def test_eps_is_standard_normal_and_equals_eager_philox():
-    K, B, d = 4, 128, 20
+# d = 20: whole quads; d = 5: a tail quad per row; d = 261: two column tiles (BLOCK_D = 256) and a tail.
+@pytest.mark.parametrize("K,B,d", [(4, 128, 20), (3, 171, 5), (2, 5, 261)])
+def test_eps_is_standard_normal_and_equals_eager_philox(K, B, d):
     W, y, sa, s1m, seed, _ = _inputs(K, B, 10, d, torch.float32, True)
     with dispatch.use_backend("triton"):
         z, eps = ops.noise_inject(W, y, sa, s1m, seed, return_eps=True)
@@ -102,16 +103,17 @@ def test_eps_is_standard_normal_and_equals_eager_philox():
     mean, var = eps.double().mean().item(), eps.double().var().item()
     assert abs(mean) < 4 / n ** 0.5, mean  # standard error of the mean: 1/sqrt(n)
     assert abs(var - 1) < 4 * (2 / (n - 1)) ** 0.5, var  # of the sample variance: sqrt(2/(n-1))
-    # Element (k, b, j) is counter (k·B + b)·d + j of the seed: the eager Philox replica agrees.
+    # Element (k, b, j) is lane j % 4 of counter (k·B + b)·⌈d/4⌉ + j // 4: the eager Philox replica agrees.
     torch.testing.assert_close(eps, philox_randn(seed, (K, B, d)), rtol=0, atol=1e-5)
     # z is built from that very ε.
     expect = sa[..., None] * W[y] + s1m[..., None] * eps
     torch.testing.assert_close(z, expect, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("d", [20, 5, 261])
 @pytest.mark.parametrize("per_sample", [False, True], ids=["coef[K]", "coef[K,B]"])
-def test_backward_regenerates_the_forward_noise(per_sample):
-    W, y, sa, s1m, seed, grad = _inputs(3, 40, 10, 20, torch.float32, per_sample)
+def test_backward_regenerates_the_forward_noise(per_sample, d):
+    W, y, sa, s1m, seed, grad = _inputs(3, 40, 10, d, torch.float32, per_sample)
     with dispatch.use_backend("triton"):
         _, eps = ops.noise_inject(W, y, sa, s1m, seed, return_eps=True)
     _, _, _, d_s1m = _run("triton", W, y, sa, s1m, seed, grad)

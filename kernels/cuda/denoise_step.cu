@@ -1,7 +1,9 @@
 // noprop_cuda::denoise_step (semantics: noprop/ops/eager.py): one label-free inference step
-// z_next = a · act(logits) · W + b · z_prev + sqrt_c · ε, ε[b, j] drawn at Philox offset b·d + j;
+// z_next = a · act(logits) · W + b · z_prev + sqrt_c · ε, ε[b, j] = lane j % 4 of
+// philox_normal4(seed, b·Q + j / 4), Q = ceil(d/4) (philox.cuh: the eager reference's draws);
 // act = softmax, or the identity when softmax is off (FM's Euler step z + h·v: a = h, b = 1).
-// One warp per sample: the activated row lives in shared memory, lanes run over d.
+// One warp per sample: the activated row lives in shared memory, lanes run over the quads of four
+// columns of d (one Philox call per quad).
 #include "common.cuh"
 #include "ops.h"
 
@@ -20,16 +22,25 @@ __global__ void denoise_step_kernel(const L* __restrict__ logits, const float* _
   float* p = smem + warp * m;
   const bool noisy = sqrt_c != 0.f;  // the mean chain (sqrt_c = 0) draws no noise, as the reference
   const uint64_t seed = noisy ? static_cast<uint64_t>(*seed_ptr) : 0u;
+  const int64_t Q = noise_quads(d);
   for (int64_t row = blockIdx.x * warps_per_block + warp; row < B;
        row += static_cast<int64_t>(gridDim.x) * warps_per_block) {
     warp_activation_to_smem(logits + row * m, m, p, lane, softmax);
-    for (int64_t j = lane; j < d; j += kWarp) {
-      float u = 0.f;
-      for (int64_t c = 0; c < m; ++c) u += p[c] * W[c * d + j];
-      const int64_t i = row * d + j;
-      float z = a * u + bcoef * to_f32(z_prev[i]);
-      if (noisy) z += sqrt_c * philox_randn(seed, static_cast<uint64_t>(i));
-      z_next[i] = from_f32<Z>(z);
+    for (int64_t q = lane; q < Q; q += kWarp) {
+      Normal4 eps = {{0.f, 0.f, 0.f, 0.f}};
+      if (noisy) eps = philox_normal4(seed, static_cast<uint64_t>(row * Q + q));
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        const int64_t j = 4 * q + t;
+        if (j < d) {
+          float u = 0.f;
+          for (int64_t c = 0; c < m; ++c) u += p[c] * W[c * d + j];
+          const int64_t i = row * d + j;
+          float z = a * u + bcoef * to_f32(z_prev[i]);
+          if (noisy) z += sqrt_c * eps.v[t];
+          z_next[i] = from_f32<Z>(z);
+        }
+      }
     }
     __syncwarp();  // p is overwritten by this warp's next row
   }

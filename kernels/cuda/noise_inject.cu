@@ -1,39 +1,49 @@
 // noprop_cuda::noise_inject and its backward (semantics: noprop/ops/eager.py).
 //
-// Forward: one thread per VEC consecutive elements of z [K, B, d]; element i = (k·B + b)·d + j
-// draws ε with Philox offset i, so no noise is stored. Backward: one warp per row (k, b) for the
-// coefficient gradients (ε regenerated), and one thread per (b, j) summing over k for dW, added
-// into row y_b with float32 atomics (then cast to W's dtype).
+// Noise: z [K, B, d] is K·B rows of d columns, each row Q = ceil(d/4) quads; ε[k, b, j] is lane
+// j % 4 of philox_normal4(seed, (k·B + b)·Q + j / 4) (philox.cuh), so no noise is stored.
+// Forward: one thread per quad (one Philox call for four columns; 4-wide vector loads/stores when
+// d % 4 == 0 and W is aligned, masked scalar ones otherwise). Backward: one warp per row (k, b) for
+// the coefficient gradients (lanes over quads, ε regenerated the same way), and one thread per
+// (b, j) summing over k for dW, added into row y_b with float32 atomics (then cast to W's dtype).
 #include "common.cuh"
 #include "ops.h"
 
 namespace noprop_cuda {
 namespace {
 
-template <typename T, int VEC>
+// VEC4: d % 4 == 0 and W 4-element aligned (z is fresh: aligned), so a quad is one vector access.
+template <typename T, bool VEC4>
 __global__ void noise_inject_kernel(const T* __restrict__ W, const int64_t* __restrict__ y,
                                     const float* __restrict__ sa, const float* __restrict__ s1m, bool sa_per_sample,
                                     bool s1m_per_sample, const int64_t* __restrict__ seed_ptr, T* __restrict__ z,
                                     int64_t K, int64_t B, int64_t d, int64_t m) {
   const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
-  const int64_t n_vec = K * B * d / VEC;  // the host guarantees d % VEC == 0
+  const int64_t Q = noise_quads(d);
+  const int64_t n_quads = K * B * Q;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < n_vec; v += stride) {
-    const int64_t i = v * VEC;
-    const int64_t row = i / d;  // k·B + b
-    const int64_t j = i - row * d;
+  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < n_quads; v += stride) {
+    const int64_t row = v / Q;  // k·B + b; v = row·Q + q is the quad's Philox counter
+    const int64_t j0 = (v - row * Q) * 4;
     const int64_t k = row / B;
     const int64_t b = row - k * B;
     const float a = sa[sa_per_sample ? row : k];
     const float s = s1m[s1m_per_sample ? row : k];
-    const int64_t c = safe_label(y, b, m);
-    const Vec<T, VEC> w = *reinterpret_cast<const Vec<T, VEC>*>(W + c * d + j);
-    Vec<T, VEC> out;
+    const T* w = W + safe_label(y, b, m) * d + j0;
+    T* out = z + row * d + j0;
+    const Normal4 eps = philox_normal4(seed, static_cast<uint64_t>(v));
+    if constexpr (VEC4) {
+      const Vec<T, 4> wv = *reinterpret_cast<const Vec<T, 4>*>(w);
+      Vec<T, 4> o;
 #pragma unroll
-    for (int t = 0; t < VEC; ++t) {
-      out.v[t] = from_f32<T>(a * to_f32(w.v[t]) + s * philox_randn(seed, static_cast<uint64_t>(i + t)));
+      for (int t = 0; t < 4; ++t) o.v[t] = from_f32<T>(a * to_f32(wv.v[t]) + s * eps.v[t]);
+      *reinterpret_cast<Vec<T, 4>*>(out) = o;
+    } else {
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        if (j0 + t < d) out[t] = from_f32<T>(a * to_f32(w[t]) + s * eps.v[t]);
+      }
     }
-    *reinterpret_cast<Vec<T, VEC>*>(z + i) = out;
   }
 }
 
@@ -52,11 +62,19 @@ __global__ void noise_inject_coef_grad_kernel(const G* __restrict__ gz, const fl
     const int64_t b = row % B;
     const float* u = W + safe_label(y, b, m) * d;
     const G* g = gz + row * d;
+    const int64_t Q = noise_quads(d);
     float acc_u = 0.f, acc_e = 0.f;
-    for (int64_t j = lane; j < d; j += kWarp) {
-      const float gj = to_f32(g[j]);
-      acc_u += gj * u[j];
-      acc_e += gj * philox_randn(seed, static_cast<uint64_t>(row * d + j));
+    for (int64_t q = lane; q < Q; q += kWarp) {  // the forward's quads: one Philox call per 4 columns
+      const Normal4 eps = philox_normal4(seed, static_cast<uint64_t>(row * Q + q));
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        const int64_t j = 4 * q + t;
+        if (j < d) {
+          const float gj = to_f32(g[j]);
+          acc_u += gj * u[j];
+          acc_e += gj * eps.v[t];
+        }
+      }
     }
     acc_u = warp_sum(acc_u);
     acc_e = warp_sum(acc_e);
@@ -113,14 +131,13 @@ at::Tensor noise_inject(const at::Tensor& W_in, const at::Tensor& y_in, const at
   const auto stream = at::cuda::getCurrentCUDAStream();
   NOPROP_DISPATCH_FLOAT(W.scalar_type(), "noprop_cuda::noise_inject", [&] {
     const bool vec4 = d % 4 == 0 && aligned_to(W.data_ptr(), 4 * sizeof(scalar_t));  // z is fresh: aligned
-    const int64_t work = K * B * d / (vec4 ? 4 : 1);
-    const unsigned grid = grid_for(work, kThreads);
+    const unsigned grid = grid_for(K * B * noise_quads(d), kThreads);  // one thread per quad
     if (vec4) {
-      noise_inject_kernel<scalar_t, 4><<<grid, kThreads, 0, stream>>>(
+      noise_inject_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
           W.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), sa.data_ptr<float>(), s1m.data_ptr<float>(), sa.dim() == 2,
           s1m.dim() == 2, seed.data_ptr<int64_t>(), z.data_ptr<scalar_t>(), K, B, d, m);
     } else {
-      noise_inject_kernel<scalar_t, 1><<<grid, kThreads, 0, stream>>>(
+      noise_inject_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
           W.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), sa.data_ptr<float>(), s1m.data_ptr<float>(), sa.dim() == 2,
           s1m.dim() == 2, seed.data_ptr<int64_t>(), z.data_ptr<scalar_t>(), K, B, d, m);
     }

@@ -1,13 +1,16 @@
-// Counter-based Gaussian noise, bit-compatible with noprop/ops/philox.py and Triton's tl.randn.
+// Counter-based Gaussian noise, bit-compatible with noprop/ops/philox.py and Triton's tl.randn4x.
 //
-// ε(seed, offset): Philox-4x32 with 10 rounds, key (seed_lo32, seed_hi32), counter
-// (offset_lo32, offset_hi32, 0, 0); the first two outputs are bit-cast to int32, negatives folded
-// with ~x, scaled by 4.6566127342e-10 into [0, 1), u1 clamped to >= 1e-7, and Box-Muller's cosine
-// branch gives one normal per offset. Every op's noise tensor draws element i with offset i, so the
-// backward regenerates the forward's ε instead of storing it.
+// normal4(seed, counter): Philox-4x32 with 10 rounds, key (seed_lo32, seed_hi32), counter
+// (counter_lo32, counter_hi32, 0, 0); the four outputs are bit-cast to int32, negatives folded with
+// ~x and scaled by 4.6566127342e-10 into u0..u3 in [0, 1); Box-Muller on (u0, u1) and (u2, u3)
+// (u0, u2 clamped to >= 1e-7) gives four normals, lanes 0..3 =
+//   r01·cos(2π·u1), r01·sin(2π·u1), r23·cos(2π·u3), r23·sin(2π·u3),  r = sqrt(-2·log(u)),
+// Triton's randn4x order. A noise tensor is rows x d; element (r, j) is lane j % 4 of counter
+// r·Q + j / 4, Q = ceil(d / 4) (noise_quads): one Philox call per four neighbouring columns. The
+// backward regenerates the forward's ε from the seed instead of storing it.
 //
 // Host-and-device so the generator can be checked against the Python spec without a GPU. Do not
-// compile with --use_fast_math: logf/cosf/sqrtf must be the accurate versions to match the spec.
+// compile with --use_fast_math: logf/cosf/sinf/sqrtf must be the accurate versions to match the spec.
 #pragma once
 
 #include <cstdint>
@@ -39,10 +42,10 @@ NOPROP_HD uint32_t umulhi32(uint32_t a, uint32_t b) {
 #endif
 }
 
-// The first two of the four Philox-4x32-10 outputs (the only ones the spec uses).
-NOPROP_HD void philox_4x32_10(uint64_t seed, uint64_t offset, uint32_t& out0, uint32_t& out1) {
+// The four Philox-4x32-10 outputs for one counter.
+NOPROP_HD void philox_4x32_10(uint64_t seed, uint64_t counter, uint32_t out[4]) {
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32);
+  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
   uint32_t c2 = 0u, c3 = 0u;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
@@ -57,8 +60,10 @@ NOPROP_HD void philox_4x32_10(uint64_t seed, uint64_t offset, uint32_t& out0, ui
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
-  out0 = c0;
-  out1 = c1;
+  out[0] = c0;
+  out[1] = c1;
+  out[2] = c2;
+  out[3] = c3;
 }
 
 // uint32 -> [0, 1) exactly as Triton's uint_to_uniform_float for 32-bit draws.
@@ -68,20 +73,37 @@ NOPROP_HD float uint_to_unit(uint32_t x) {
   return static_cast<float>(s) * kIntToUnit;
 }
 
-// One standard normal for element `offset` of a noise tensor drawn with `seed`.
-NOPROP_HD float philox_randn(uint64_t seed, uint64_t offset) {
-  uint32_t i1, i2;
-  philox_4x32_10(seed, offset, i1, i2);
-  float u1 = uint_to_unit(i1);
-  const float u2 = uint_to_unit(i2);
-  u1 = u1 < 1.0e-7f ? 1.0e-7f : u1;
+// Triton's pair_uniform_to_normal: (r·cos θ, r·sin θ), r = sqrt(-2·log(max(ua, 1e-7))), θ = 2π·ub.
+// cosf and sinf are called separately (nvcc may merge them into sincosf, whose results are the same).
+NOPROP_HD void box_muller(float ua, float ub, float& n_cos, float& n_sin) {
+  ua = ua < 1.0e-7f ? 1.0e-7f : ua;
+  const float th = kTwoPi * ub;
 #if defined(__CUDA_ARCH__)
-  const float r = sqrtf(-2.0f * logf(u1));
-  return r * cosf(kTwoPi * u2);
+  const float r = sqrtf(-2.0f * logf(ua));
+  n_cos = r * cosf(th);
+  n_sin = r * sinf(th);
 #else
-  const float r = std::sqrt(-2.0f * std::log(u1));
-  return r * std::cos(kTwoPi * u2);
+  const float r = std::sqrt(-2.0f * std::log(ua));
+  n_cos = r * std::cos(th);
+  n_sin = r * std::sin(th);
 #endif
 }
+
+// Four standard normals (lanes 0..3, Triton's randn4x order) for Philox counter `counter`.
+struct Normal4 {
+  float v[4];
+};
+
+NOPROP_HD Normal4 philox_normal4(uint64_t seed, uint64_t counter) {
+  uint32_t x[4];
+  philox_4x32_10(seed, counter, x);
+  Normal4 n;
+  box_muller(uint_to_unit(x[0]), uint_to_unit(x[1]), n.v[0], n.v[1]);
+  box_muller(uint_to_unit(x[2]), uint_to_unit(x[3]), n.v[2], n.v[3]);
+  return n;
+}
+
+// Philox counters per noise row of d columns: Q = ceil(d / 4).
+NOPROP_HD int64_t noise_quads(int64_t d) { return (d + 3) / 4; }
 
 }  // namespace noprop_cuda

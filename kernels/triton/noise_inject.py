@@ -1,8 +1,9 @@
 """Triton kernels for `noprop::noise_inject` and its backward.
 
 Forward, z[k, b, j] = sqrt_abar[k(, b)] · W[y_b, j] + sqrt_one_minus_abar[k(, b)] · ε[k, b, j],
-with ε[k, b, j] = tl.randn(seed, (k·B + b)·d + j) (int64 counter), exactly the eager reference's
-draws (`noprop/ops/philox.py`). ε is never stored: the backward regenerates it from the seed.
+with ε[k, b, j] = lane j % 4 of tl.randn4x(seed, (k·B + b)·Q + j // 4), Q = ⌈d/4⌉ (int64 counter; one
+Philox call per four columns, `_noise.randn_tile`), exactly the eager reference's draws
+(`noprop/ops/philox.py`). ε is never stored: the backward regenerates it from the seed.
 
 Memory traffic per output element (elt = bytes of W's dtype, d >= a few):
   forward   reads ~0 (the gathered row W[y_b] is loaded once per tile and reused for all K blocks;
@@ -18,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._launch import on_device, pow2
+from ._noise import randn_tile
 
 _TILE_ELEMENTS = 4096  # elements per program for the elementwise kernels: 16 per thread at 8 warps
 _WARPS = 8  # 4 warps needed ~254 registers per thread for the backward's Philox + accumulators (sm_90)
@@ -36,11 +38,13 @@ def _noise_inject_fwd(W_ptr, y_ptr, sa_ptr, s1m_ptr, seed_ptr, z_ptr,
     lab = tl.minimum(tl.maximum(lab, 0), m - 1)  # the op checked labels; never read out of bounds anyway
     u = tl.load(W_ptr + lab[:, None] * d + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     seed = tl.load(seed_ptr)
+    Q = (d + 3) // 4  # Philox counters (quads of columns) per noise row
+    q0 = tl.program_id(1).to(tl.int64) * (BLOCK_D // 4)
     for k in range(K):
         sa = tl.load(sa_ptr + k * sa_sk + rows * sa_sb, mask=row_ok, other=0.0).to(tl.float32)
         s1m = tl.load(s1m_ptr + k * s1m_sk + rows * s1m_sb, mask=row_ok, other=0.0).to(tl.float32)
         offs = (rows + k * B)[:, None] * d + cols[None, :]  # int64: K·B·d may pass 2**31
-        eps = tl.randn(seed, offs)
+        eps = randn_tile(seed, rows + k * B, Q, q0, BLOCK_B, BLOCK_D)
         z = sa[:, None] * u + s1m[:, None] * eps
         tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
 
@@ -60,13 +64,15 @@ def _noise_inject_bwd_rows(g_ptr, W_ptr, y_ptr, sa_ptr, seed_ptr, h_ptr, dsa_ptr
     lab = tl.minimum(tl.maximum(lab, 0), m - 1)
     u = tl.load(W_ptr + lab[:, None] * d + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     seed = tl.load(seed_ptr)
+    Q = (d + 3) // 4
+    q0 = pid_d * (BLOCK_D // 4)
     h = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
     for k in range(K):
         offs = (rows + k * B)[:, None] * d + cols[None, :]
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         sa = tl.load(sa_ptr + k * sa_sk + rows * sa_sb, mask=row_ok, other=0.0).to(tl.float32)
         h += sa[:, None] * g
-        eps = tl.randn(seed, offs)
+        eps = randn_tile(seed, rows + k * B, Q, q0, BLOCK_B, BLOCK_D)  # g is 0 where masked
         part = (pid_d * K + k) * B + rows
         tl.store(dsa_ptr + part, tl.sum(g * u, axis=1), mask=row_ok)
         tl.store(ds1m_ptr + part, tl.sum(g * eps, axis=1), mask=row_ok)
@@ -99,7 +105,7 @@ def _strides(coef: torch.Tensor, B: int) -> tuple[int, int]:
 
 
 def _tiles(B: int, d: int) -> tuple[int, int]:
-    block_d = pow2(d, hi=256)
+    block_d = pow2(d, lo=4, hi=256)  # whole quads: tiles start at multiples of 4 columns
     return pow2(B, hi=max(1, _TILE_ELEMENTS // block_d)), block_d
 
 

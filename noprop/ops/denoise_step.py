@@ -2,8 +2,8 @@
 
 z_next = a · act(logits) · W + b · z_prev + sqrt_c · ε. Inference only (no autograd).
 act = softmax (DT/CT) or the identity (softmax=False: FM's Euler step z + h·v with v = logits·W,
-a = h, b = 1, sqrt_c = 0). sqrt_c = 0 gives the mean (noise-free) chain. ε[b, j] uses counter
-b·d + j of `seed`.
+a = h, b = 1, sqrt_c = 0). sqrt_c = 0 gives the mean (noise-free) chain. ε[b, j] is lane j % 4
+of Philox counter b·⌈d/4⌉ + j // 4 of `seed` (noprop/ops/philox.py).
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ def _per_sample(coef: torch.Tensor, K: int, B: int, dtype) -> torch.Tensor:
 
 
 def noise(seed: torch.Tensor, K: int, B: int, d: int, dtype, device) -> torch.Tensor:
-    """ε [K, B, d]: element (k, b, j) uses Philox counter (k·B + b)·d + j."""
+    """ε [K, B, d]: element (k, b, j) is lane j % 4 of Philox counter (k·B + b)·Q + j // 4, Q = ⌈d/4⌉."""
     return philox_randn(seed, (K, B, d), device=device, dtype=dtype)
 
 
@@ -117,7 +117,7 @@ def local_loss_offset_grad(grad_loss, logits, W, y, weight, offset, softmax: boo
 
 
 def denoise_step(logits, W, z_prev, a: float, b: float, sqrt_c: float, seed, softmax: bool = True):
-    """z_next [B, d] = a · act(logits) · W + b · z_prev + sqrt_c · ε (ε: counter b·d + j).
+    """z_next [B, d] = a · act(logits) · W + b · z_prev + sqrt_c · ε (ε: row b of the noise stream).
 
     act = softmax (DT/CT's Eq. 3 step) or identity (FM's Euler step z + h·v: a = h, b = 1, sqrt_c = 0).
     """
