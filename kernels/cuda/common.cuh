@@ -85,7 +85,8 @@ __device__ __forceinline__ int64_t safe_label(const L* y, int64_t b, int64_t m) 
   return c < 0 ? 0 : (c >= m ? m - 1 : c);
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
+template <typename A>  // float, or double for sums that must beat float32 reductions (see noise_inject.cu)
+__device__ __forceinline__ A warp_sum(A v) {
 #pragma unroll
   for (int s = kWarp / 2; s > 0; s >>= 1) v += __shfl_xor_sync(kFullMask, v, s);
   return v;

@@ -47,11 +47,15 @@ __global__ void noise_inject_kernel(const T* __restrict__ W, const int64_t* __re
   }
 }
 
-// d_sa_rows[k·B + b] = Σ_j g·W[y_b, j];  d_s1m_rows[k·B + b] = Σ_j g·ε  (float32, [K, B]).
+// d_sa_rows[k·B + b] = Σ_j g·W[y_b, j];  d_s1m_rows[k·B + b] = Σ_j g·ε  ([K, B], float64).
+// Accumulated and returned in float64: these are dot products that cancel (a coefficient's gradient
+// is near 0 when g is unrelated to W[y] or ε) and, for [K] coefficients, B·d-term sums; a float32
+// lane-then-warp order lost to torch's float32 reductions by up to 15x on an H100 (B·d = 784,000).
+// float64 FMAs cost nothing here: the kernel waits on memory and the Philox rounds.
 template <typename G>
 __global__ void noise_inject_coef_grad_kernel(const G* __restrict__ gz, const float* __restrict__ W,
                                               const int64_t* __restrict__ y, const int64_t* __restrict__ seed_ptr,
-                                              float* __restrict__ d_sa_rows, float* __restrict__ d_s1m_rows,
+                                              double* __restrict__ d_sa_rows, double* __restrict__ d_s1m_rows,
                                               int64_t K, int64_t B, int64_t d, int64_t m) {
   const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
   const int lane = threadIdx.x % kWarp;
@@ -63,16 +67,16 @@ __global__ void noise_inject_coef_grad_kernel(const G* __restrict__ gz, const fl
     const float* u = W + safe_label(y, b, m) * d;
     const G* g = gz + row * d;
     const int64_t Q = noise_quads(d);
-    float acc_u = 0.f, acc_e = 0.f;
+    double acc_u = 0.0, acc_e = 0.0;
     for (int64_t q = lane; q < Q; q += kWarp) {  // the forward's quads: one Philox call per 4 columns
       const Normal4 eps = philox_normal4(seed, static_cast<uint64_t>(row * Q + q));
 #pragma unroll
       for (int t = 0; t < 4; ++t) {
         const int64_t j = 4 * q + t;
         if (j < d) {
-          const float gj = to_f32(g[j]);
-          acc_u += gj * u[j];
-          acc_e += gj * eps.v[t];
+          const double gj = to_f32(g[j]);
+          acc_u += gj * static_cast<double>(u[j]);
+          acc_e += gj * static_cast<double>(eps.v[t]);
         }
       }
     }
@@ -168,14 +172,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> noise_inject_backward(
   const at::Tensor y = y_in.to(at::kLong).contiguous();
   const auto f32 = W_in.options().dtype(at::kFloat);
   at::Tensor dW = at::zeros({m, d}, f32);
-  at::Tensor d_sa_rows = at::zeros({K, B}, f32);
-  at::Tensor d_s1m_rows = at::zeros({K, B}, f32);
+  at::Tensor d_sa_rows = at::zeros({K, B}, f32.dtype(at::kDouble));
+  at::Tensor d_s1m_rows = at::zeros({K, B}, f32.dtype(at::kDouble));
   if (d > 0) {
     const auto stream = at::cuda::getCurrentCUDAStream();
     NOPROP_DISPATCH_FLOAT(g.scalar_type(), "noprop_cuda::noise_inject_backward", [&] {
       noise_inject_coef_grad_kernel<scalar_t><<<grid_for(K * B, kThreads / kWarp), kThreads, 0, stream>>>(
           g.data_ptr<scalar_t>(), W32.data_ptr<float>(), y.data_ptr<int64_t>(), seed.data_ptr<int64_t>(),
-          d_sa_rows.data_ptr<float>(), d_s1m_rows.data_ptr<float>(), K, B, d, m);
+          d_sa_rows.data_ptr<double>(), d_s1m_rows.data_ptr<double>(), K, B, d, m);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       noise_inject_dW_kernel<scalar_t><<<grid_for(B * d, kThreads), kThreads, 0, stream>>>(
           g.data_ptr<scalar_t>(), sa.data_ptr<float>(), sa.dim() == 2, y.data_ptr<int64_t>(), dW.data_ptr<float>(), K,
