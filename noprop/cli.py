@@ -39,7 +39,7 @@ def _add_train_args(p):
     p.add_argument("--execution", choices=("auto", "loop", "vmap", "threads"), default=DEFAULTS.execution,
                    help="how the blocks of a step run: one by one (loop), stacked with vmap, in groups on CPU "
                         "threads at once (threads: block parallelism, sharing torch's intra-op threads), or auto "
-                        "(threads on CPU with >= 2 torch threads, vmap on CUDA)")
+                        "(threads on CPU with >= 2 torch threads; on CUDA vmap for >= 4 blocks at once, else loop)")
     p.add_argument("--embedding", choices=("onehot", "learned", "prototype"), default=DEFAULTS.embedding,
                    help="class embedding: fixed one-hot, learned (--embed-dim), or prototype (image-sized)")
     p.add_argument("--embed-dim", type=int, default=DEFAULTS.embed_dim, help="dimension d of a learned embedding")

@@ -7,9 +7,13 @@ connected layers batched matmuls. Per-block parameters stay the source of truth 
 on the fly, differentiably), so per-block optimizers, checkpoints and the locality guarantee are
 unchanged; BatchNorm running statistics updated inside the stacked call are written back.
 
-Which is faster depends on the device. Measured on the 2-core CPU this project develops on
-(`noprop bench`, bench/results/): stacking loses there (grouped convs are ~2-3x slower than
-separate ones, ../shared/docs/design.md), so `auto` picks `vmap` only on CUDA.
+Which is faster depends on the device and on how many blocks run together. Measured on the 2-core
+CPU this project develops on (`noprop bench`, bench/results/): stacking loses there (grouped convs
+are ~2-3x slower than separate ones, ../shared/docs/design.md), so `auto` never picks `vmap` on a
+CPU. On an H100 (bench/results/nvidia-h100-80gb-hbm3*/, T = 10 DT blocks) stacking wins for the
+whole step (10 blocks: 1.16-1.58x faster than loop at batch 128 and 1024) and for chunks of 5
+(1.13x at batch 128) but loses for chunks of 2 (loop 1.27-1.46x faster), so on CUDA `auto` stacks
+chunks of at least CUDA_VMAP_MIN_BLOCKS blocks (4: between the measured 2 and 5).
 
 Threaded execution is block parallelism on CPU cores, the one kind backprop cannot have: the blocks
 of a training step are split into contiguous groups, and each group's forward, local loss and
@@ -34,6 +38,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 EXECUTIONS = ("auto", "loop", "vmap", "threads")
+CUDA_VMAP_MIN_BLOCKS = 4  # auto on CUDA: stack chunks this large or larger (see the module docstring)
 
 
 def structure(block: nn.Module):
@@ -72,7 +77,7 @@ def resolve(execution: str, blocks: Sequence[nn.Module], device: torch.device) -
         raise ValueError(f"cannot stack these blocks: {reason}")
     if execution == "auto":
         if kind == "cuda":
-            return "vmap" if reason is None else "loop"
+            return "vmap" if reason is None and len(blocks) >= CUDA_VMAP_MIN_BLOCKS else "loop"
         return resolve("threads", blocks, device) if kind == "cpu" else "loop"
     return "loop" if reason else execution
 

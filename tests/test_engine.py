@@ -53,7 +53,11 @@ def test_auto_execution_is_per_device_and_explicit_vmap_checks_structure(torch_t
     torch_threads(2)
     assert engine.resolve("auto", blocks, torch.device("cpu")) == "threads"
     assert engine.resolve("auto", blocks[:1], torch.device("cpu")) == "loop"
-    assert engine.resolve("auto", blocks, torch.device("cuda")) == "vmap"
+    # CUDA: stacked from CUDA_VMAP_MIN_BLOCKS blocks on (measured on an H100: 2 loses, 5 and 10 win)
+    many = [TinyBlock(16, 4, 3) for _ in range(engine.CUDA_VMAP_MIN_BLOCKS)]
+    assert engine.resolve("auto", many, torch.device("cuda")) == "vmap"
+    assert engine.resolve("auto", many[:-1], torch.device("cuda")) == "loop"
+    assert engine.resolve("auto", blocks, torch.device("cuda")) == "loop"
     with pytest.raises(ValueError, match="runs blocks on CPU threads"):
         engine.resolve("threads", blocks, torch.device("cuda"))
     mixed = [TinyBlock(16, 4, 3), TinyBlock(16, 4, 3, width=8)]
