@@ -18,7 +18,10 @@
 #
 # Env: PYTHON (default python3: the interpreter that holds torch on the lent machines),
 # GPU_CHECK_BUDGET (s), BENCH_REPEATS (default 3), MAX_JOBS /
-# TORCH_CUDA_ARCH_LIST for the extension build (default 8 / "9.0": H100/H200 only, to keep it fast).
+# TORCH_CUDA_ARCH_LIST for the extension build (default 8 / "9.0": H100/H200 only, to keep it fast),
+# NOPROP_COMMIT: the commit the tree is. The lent machines copy the working tree with a .git that
+# still says the session's first commit: write the hash into the command (`NOPROP_COMMIT=abc1234
+# bash bench/gpu_check.sh --pack "$OUT"`) and the bench records and plots name the right commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -37,7 +40,7 @@ while (( $# )); do
   case "$1" in
     --dry-run|--cpu) DRY=1 ;;
     --pack) PACK=${2:?--pack needs a folder}; shift ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $1" >&2; exit 2 ;;
     *) OUT=$1 ;;
   esac
@@ -124,7 +127,7 @@ if command -v nvidia-smi >/dev/null; then
 else
   skip nvidia-smi "nvidia-smi not found"
 fi
-step env 30 bash -c "$PYTHON -VV; $PYTHON -c 'import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version())'; $PYTHON -c 'import triton; print(\"triton\", triton.__version__)' || true; (command -v nvcc && nvcc --version) || echo 'nvcc: not on PATH'; nproc; free -g; git -C '$ROOT' log -1 --oneline; git -C '$ROOT' status --short | head -20"
+step env 30 bash -c "echo NOPROP_COMMIT=${NOPROP_COMMIT:-unset}; $PYTHON -VV; $PYTHON -c 'import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version())'; $PYTHON -c 'import triton; print(\"triton\", triton.__version__)' || true; (command -v nvcc && nvcc --version) || echo 'nvcc: not on PATH'; nproc; free -g; git -C '$ROOT' log -1 --oneline; git -C '$ROOT' status --short | head -20"
 step info-before-build 60 "${NOPROP[@]}" info
 
 # 2. the CUDA extension and the GPU tests --------------------------------------------------------

@@ -35,7 +35,8 @@ def _subtitle(records) -> str:
 
 def _label(r) -> str:
     if r["method"] != "dt":
-        return r["method"] + ("\n(1 block, not\nequal work)" if r["method"] == "cnn" else "\n(end to end)")
+        return r["method"] + ("+graph" if r.get("cuda_graph") else "") + \
+            ("\n(1 block, not\nequal work)" if r["method"] == "cnn" else "\n(end to end)")
     ex = r.get("execution_used") or r.get("execution")
     return f"DT {r['mode']}{'+graph' if r.get('cuda_graph') else ''}\n({ex})"
 
@@ -67,9 +68,10 @@ def throughput(records, path: Path) -> Path:
     hi = [r.get("samples_per_s_max", v) - v for v, r in zip(vals, recs)]
     _bars(ax, recs, vals, errs=[lo, hi], ratios=[r.get("ratio_to_backprop") for r in recs])
     ax.set_ylabel("training samples / s (higher is better)")
+    graphs = any(r.get("ratio_base") == "backprop+graph" for r in recs)
     ax.set_title("Training throughput, equal work (T block updates per sample)\n"
-                 "label: samples/s and ×throughput of backprop (median of side-by-side rounds); whiskers: min-max",
-                 fontsize=9)
+                 "label: samples/s and ×throughput of backprop (median of side-by-side rounds"
+                 + ("; +graph bars: × backprop+graph" if graphs else "") + "); whiskers: min-max", fontsize=9)
     fig.suptitle(_subtitle(recs), fontsize=8, y=0.995)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

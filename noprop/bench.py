@@ -349,11 +349,14 @@ def environment(device: torch.device, threads: int) -> dict:
     except Exception:
         triton_version = None
     status = _git("status", "--porcelain", "--untracked-files=no")
+    commit = _git("rev-parse", "--short", "HEAD")
+    if os.environ.get("NOPROP_COMMIT"):  # a copied tree whose .git is stale (the lent GPU machines)
+        commit, status = os.environ["NOPROP_COMMIT"], ""
     return {"device": device.type, "device_name": device_name(device), "threads": threads,
             "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
             "python": platform.python_version(), "backend": os.environ.get("NOPROP_BACKEND", "auto"),
             "loadavg_1min": _loadavg(),
-            "commit": _git("rev-parse", "--short", "HEAD"), "dirty": bool(status) if status is not None else None,
+            "commit": commit, "dirty": bool(status) if status is not None else None,
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
