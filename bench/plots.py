@@ -95,8 +95,9 @@ def memory(records, path: Path) -> Path:
     _bars(axes[0], recs, peak, ratios=[r.get("mem_ratio_to_backprop") for r in recs])
     axes[0].set_title(title + "; label ×backprop", fontsize=9)
     axes[0].set_ylabel("MB (lower is better)")
-    saved = [r.get("saved_mb") or 0.0 for r in recs]
-    _bars(axes[1], recs, saved, ratios=[r.get("saved_ratio_to_backprop") for r in recs], fmt="{:.1f}")
+    metered = [r for r in recs if r.get("saved_mb") is not None]  # a graph replay runs no hooks: not metered
+    saved = [r["saved_mb"] for r in metered]
+    _bars(axes[1], metered, saved, ratios=[r.get("saved_ratio_to_backprop") for r in metered], fmt="{:.1f}")
     axes[1].set_title("Peak bytes saved for backward during one step (MB)\n"
                       "(saved_tensors_hooks; device-independent; label ×backprop)", fontsize=9)
     axes[1].set_ylabel("MB (lower is better)")
