@@ -354,38 +354,35 @@ def test_replays_equal_eager_steps_with_the_same_generator(monkeypatch, backend,
     see a thread-local choice.)"""
     monkeypatch.setenv("NOPROP_BACKEND", backend)
     torch.manual_seed(0)
-    model = _plain_dt(execution=execution).cuda()
-    twin = copy.deepcopy(model)
-    cfg = TrainConfig(T=model.T, cuda_graph=True, device="cuda")
-    opts, twin_opts = Optimizers(model, cfg), Optimizers(twin, cfg)
-    data = _cuda_batches(4)
-    torch.cuda.manual_seed(123)
-    step = graphs.CapturedStep(model, opts, *data[0])
-    captured = [step(x, y) for x, y in data]
-    torch.cuda.manual_seed(123)
-    eager = [train_step(twin, twin_opts, x, y) for x, y in data]
-    assert len(set(captured)) == len(captured)
-    assert captured == pytest.approx(eager, rel=1e-5)
-    assert_same_state(state_of(model, opts), state_of(twin, twin_opts), rtol=1e-5, atol=1e-6)
+    step = _assert_replays_equal_eager_steps(_plain_dt(execution=execution).cuda(),
+                                             TrainConfig(T=3, cuda_graph=True, device="cuda"), seed=123)
+    assert step.seed.shape == (1,)
 
 
 @gpu
 def test_backprop_replays_equal_its_eager_steps():
     """The like-for-like baseline of `noprop bench --cuda-graph`: replayed backprop is backprop."""
     torch.manual_seed(0)
-    model = _tiny_backprop(T=3).cuda()
+    step = _assert_replays_equal_eager_steps(_tiny_backprop(T=3).cuda(),
+                                             TrainConfig(method="backprop", T=3, cuda_graph=True, device="cuda"), seed=7)
+    assert step.seed is None
+
+
+def _assert_replays_equal_eager_steps(model, cfg, seed, n=4):
+    """N replays of a CapturedStep of `model` and N eager train_steps of its twin, from the same CUDA
+    generator state: the same losses (all different), parameters and optimizer state. Returns the step."""
     twin = copy.deepcopy(model)
-    cfg = TrainConfig(method="backprop", T=3, cuda_graph=True, device="cuda")
     opts, twin_opts = Optimizers(model, cfg), Optimizers(twin, cfg)
-    data = _cuda_batches(4)
-    torch.cuda.manual_seed(7)
+    data = _cuda_batches(n)
+    torch.cuda.manual_seed(seed)
     step = graphs.CapturedStep(model, opts, *data[0])
     captured = [step(x, y) for x, y in data]
-    torch.cuda.manual_seed(7)
+    torch.cuda.manual_seed(seed)
     eager = [train_step(twin, twin_opts, x, y) for x, y in data]
-    assert step.seed is None and len(set(captured)) == len(captured)
+    assert len(set(captured)) == len(captured)
     assert captured == pytest.approx(eager, rel=1e-5)
     assert_same_state(state_of(model, opts), state_of(twin, twin_opts), rtol=1e-5, atol=1e-6)
+    return step
 
 
 @gpu
