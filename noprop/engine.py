@@ -72,14 +72,16 @@ def resolve(execution: str, blocks: Sequence[nn.Module], device: torch.device) -
             raise ValueError(f"execution 'threads' runs blocks on CPU threads, but the model is on {device}: "
                              "on CUDA use 'vmap' (stacked) or 'auto', and --cuda-graph for the parallel step")
         return "threads" if len(blocks) > 1 and _threads_can_run() else "loop"
-    reason = why_not_stackable(blocks)
-    if execution == "vmap" and reason and len(blocks) > 1:
-        raise ValueError(f"cannot stack these blocks: {reason}")
-    if execution == "auto":
-        if kind == "cuda":
-            return "vmap" if reason is None and len(blocks) >= CUDA_VMAP_MIN_BLOCKS else "loop"
+    if execution == "loop":
+        return "loop"
+    if execution == "auto" and kind != "cuda":  # no stacking off CUDA: skip the structure walk (every step)
         return resolve("threads", blocks, device) if kind == "cpu" else "loop"
-    return "loop" if reason else execution
+    reason = why_not_stackable(blocks)
+    if execution == "vmap":
+        if reason and len(blocks) > 1:
+            raise ValueError(f"cannot stack these blocks: {reason}")
+        return "loop" if reason else "vmap"
+    return "vmap" if reason is None and len(blocks) >= CUDA_VMAP_MIN_BLOCKS else "loop"  # auto on CUDA
 
 
 def resolve_identical(execution: str, num_blocks: int, device) -> str:
