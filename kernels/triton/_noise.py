@@ -10,14 +10,15 @@ import triton.language as tl
 
 
 @triton.jit
-def randn_tile(seed, rows, Q, q0, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    """ε[rows, 4·q0 : 4·q0 + BLOCK_D] as a [BLOCK_B, BLOCK_D] float32 tile.
+def randn_tile(seed, rows, d, j0, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """ε[rows, j0 : j0 + BLOCK_D] of a noise tensor with d columns, as a [BLOCK_B, BLOCK_D] float32 tile.
 
-    rows: int64 [BLOCK_B] noise-row indices; Q: quads per row; q0: first quad of the tile (a tile
-    starting at column j0 has q0 = j0 // 4, so j0 must be a multiple of 4); BLOCK_D a multiple of 4.
-    Columns past d (and rows past the end) get draws of unused counters: the caller masks them.
+    rows: int64 [BLOCK_B] noise-row indices; j0: the tile's first column, a multiple of 4 (so the
+    tile holds whole quads); BLOCK_D a multiple of 4. Columns past d (and rows past the end) get
+    draws of unused counters: the caller masks them.
     """
-    quads = q0 + tl.arange(0, BLOCK_D // 4).to(tl.int64)
+    Q = (d + 3) // 4  # Philox counters (quads of columns) per row
+    quads = j0 // 4 + tl.arange(0, BLOCK_D // 4).to(tl.int64)
     n0, n1, n2, n3 = tl.randn4x(seed, rows[:, None] * Q + quads[None, :])  # [BLOCK_B, BLOCK_D // 4] each
     # join(join(n0, n2), join(n1, n3))[b, q, i, l] = n_{2i + l}: row-major, column 4q + 2i + l gets lane 2i + l.
     eps = tl.join(tl.join(n0, n2), tl.join(n1, n3))

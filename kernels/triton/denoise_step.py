@@ -35,7 +35,6 @@ def _denoise_step(logits_ptr, W_ptr, z_ptr, out_ptr, seed_ptr, a, b, sqrt_c, B, 
     else:
         p = x  # padded classes loaded as 0: they add nothing to p · W
     seed = tl.load(seed_ptr)
-    Q = (d + 3) // 4  # Philox counters (quads of columns) per row
     for d0 in range(0, d, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         col_ok = cols < d
@@ -47,7 +46,7 @@ def _denoise_step(logits_ptr, W_ptr, z_ptr, out_ptr, seed_ptr, a, b, sqrt_c, B, 
         # The noise is drawn before the dot: drawn after it, ptxas (sm_90, bf16, m = 100) kept 32
         # registers and spilled 6.5 KB; this order compiles without spills (fp32, bf16; m = 10, 100; d = 784).
         if sqrt_c != 0.0:
-            eps = randn_tile(seed, rows, Q, d0 // 4, BLOCK_B, BLOCK_D)  # BLOCK_D % 4 == 0
+            eps = randn_tile(seed, rows, d, d0, BLOCK_B, BLOCK_D)  # BLOCK_D % 4 == 0
         else:
             eps = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
         z = a * tl.dot(p, Wt, input_precision="ieee") + b * zp

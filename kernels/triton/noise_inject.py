@@ -31,20 +31,19 @@ def _noise_inject_fwd(W_ptr, y_ptr, sa_ptr, s1m_ptr, seed_ptr, z_ptr,
                       BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program: a BLOCK_B x BLOCK_D tile of (b, j) for every block k (the W[y] tile is reused K times).
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    j0 = tl.program_id(1).to(tl.int64) * BLOCK_D  # the tile's first column: a multiple of 4 (whole quads)
+    cols = j0 + tl.arange(0, BLOCK_D).to(tl.int64)
     row_ok = rows < B
     mask = row_ok[:, None] & (cols < d)[None, :]
     lab = tl.load(y_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     lab = tl.minimum(tl.maximum(lab, 0), m - 1)  # the op checked labels; never read out of bounds anyway
     u = tl.load(W_ptr + lab[:, None] * d + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     seed = tl.load(seed_ptr)
-    Q = (d + 3) // 4  # Philox counters (quads of columns) per noise row
-    q0 = tl.program_id(1).to(tl.int64) * (BLOCK_D // 4)
     for k in range(K):
         sa = tl.load(sa_ptr + k * sa_sk + rows * sa_sb, mask=row_ok, other=0.0).to(tl.float32)
         s1m = tl.load(s1m_ptr + k * s1m_sk + rows * s1m_sb, mask=row_ok, other=0.0).to(tl.float32)
         offs = (rows + k * B)[:, None] * d + cols[None, :]  # int64: K·B·d may pass 2**31
-        eps = randn_tile(seed, rows + k * B, Q, q0, BLOCK_B, BLOCK_D)
+        eps = randn_tile(seed, rows + k * B, d, j0, BLOCK_B, BLOCK_D)
         z = sa[:, None] * u + s1m[:, None] * eps
         tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
 
@@ -57,22 +56,21 @@ def _noise_inject_bwd_rows(g_ptr, W_ptr, y_ptr, sa_ptr, seed_ptr, h_ptr, dsa_ptr
     # dsa[tile, k, b] = Σ_j g·W[y_b], ds1m[tile, k, b] = Σ_j g·ε (ε regenerated from the seed).
     pid_d = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    j0 = pid_d * BLOCK_D
+    cols = j0 + tl.arange(0, BLOCK_D).to(tl.int64)
     row_ok = rows < B
     mask = row_ok[:, None] & (cols < d)[None, :]
     lab = tl.load(y_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     lab = tl.minimum(tl.maximum(lab, 0), m - 1)
     u = tl.load(W_ptr + lab[:, None] * d + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     seed = tl.load(seed_ptr)
-    Q = (d + 3) // 4
-    q0 = pid_d * (BLOCK_D // 4)
     h = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
     for k in range(K):
         offs = (rows + k * B)[:, None] * d + cols[None, :]
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         sa = tl.load(sa_ptr + k * sa_sk + rows * sa_sb, mask=row_ok, other=0.0).to(tl.float32)
         h += sa[:, None] * g
-        eps = randn_tile(seed, rows + k * B, Q, q0, BLOCK_B, BLOCK_D)  # g is 0 where masked
+        eps = randn_tile(seed, rows + k * B, d, j0, BLOCK_B, BLOCK_D)  # g is 0 where masked
         part = (pid_d * K + k) * B + rows
         tl.store(dsa_ptr + part, tl.sum(g * u, axis=1), mask=row_ok)
         tl.store(ds1m_ptr + part, tl.sum(g * eps, axis=1), mask=row_ok)
