@@ -26,6 +26,16 @@ def test_says_how_blocks_execute_for_the_thread_count(capsys, torch_threads):
     assert "block execution auto: loop (one block after another: 1 torch thread" in capsys.readouterr().out
 
 
+def test_says_from_how_many_blocks_cuda_stacks():
+    # The engine's CUDA rule needs no GPU to state: stacked from CUDA_VMAP_MIN_BLOCKS blocks on.
+    import torch
+
+    from noprop import engine
+    n = engine.CUDA_VMAP_MIN_BLOCKS
+    assert info._execution_pick(torch.device("cuda")) == (
+        f"vmap (identical blocks stacked into one batched computation) for steps of >= {n} blocks, loop for fewer")
+
+
 def test_runs_as_a_module():
     done = subprocess.run([sys.executable, "-m", "noprop.info"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
