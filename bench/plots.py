@@ -34,11 +34,11 @@ def _subtitle(records) -> str:
 
 
 def _label(r) -> str:
+    graph = "+graph" if r.get("cuda_graph") else ""
     if r["method"] != "dt":
-        return r["method"] + ("+graph" if r.get("cuda_graph") else "") + \
-            ("\n(1 block, not\nequal work)" if r["method"] == "cnn" else "\n(end to end)")
+        return r["method"] + graph + ("\n(1 block, not\nequal work)" if r["method"] == "cnn" else "\n(end to end)")
     ex = r.get("execution_used") or r.get("execution")
-    return f"DT {r['mode']}{'+graph' if r.get('cuda_graph') else ''}\n({ex})"
+    return f"DT {r['mode']}{graph}\n({ex})"
 
 
 def _bars(ax, records, values, errs=None, ratios=None, unit="", fmt="{:.0f}"):
