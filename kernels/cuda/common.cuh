@@ -105,7 +105,7 @@ struct alignas(sizeof(T) * N) Vec {
 
 inline bool aligned_to(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+NOPROP_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Grid size for a grid-stride loop over `work` items with `per_block` items per block.
 inline unsigned grid_for(int64_t work, int64_t per_block) {

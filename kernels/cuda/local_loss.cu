@@ -89,6 +89,119 @@ __global__ void local_loss_kernel(const L* __restrict__ logits, const float* __r
   }
 }
 
+// The forward for m <= kTiledMaxClasses: a block takes kTileRows rows and walks d in tiles of
+// kTileCols columns, so each W tile is read from global memory once per kTileRows rows (the per-warp
+// kernel above re-reads all of W for every row: 31 KB per row at m = 10, d = 784, which bound it on
+// an H100). Around the pivot a the residual is a small GEMM:
+//   u = p'·W − s·W[a],  p' = p with p_a set to 0,  s = Σ_{c≠a} p_c,
+// the same Σ_{c≠a} p_c (W[c] − W[a]) as above (no term of size p_a ≈ 1 ever enters), so the same
+// accuracy; without a softmax p' = logits, s = 0 and the pivot terms drop out.
+// Shared memory: p' [kTileRows, m] and a [kClassChunk, kTileCols] chunk of the W tile. Warp w owns
+// rows 4w..4w+3 of the block (softmax, pivot, and the final sum); lane l owns columns l + 32·t.
+// Per tile the block reads m·kTileCols floats of W (L2) and gathers W[a], W[y] (and the offset)
+// for its rows from L1/L2; logits are read once. Global traffic is ~K·B·m·elt: FMA-bound.
+constexpr int kTileRows = 32;
+constexpr int kRowsPerWarp = 4;
+constexpr int kTileWarps = kTileRows / kRowsPerWarp;  // 8 warps, 256 threads
+constexpr int kTileCols = kWarp * kCols;              // 128
+constexpr int kClassChunk = 32;
+constexpr int64_t kTiledMaxClasses = 256;  // p' then needs 32 KB of shared memory, the W chunk 16 KB
+
+template <typename L>
+__global__ void __launch_bounds__(kTileWarps * kWarp)
+    local_loss_tiled_kernel(const L* __restrict__ logits, const float* __restrict__ W, const int64_t* __restrict__ y,
+                            const float* __restrict__ weight, bool w_per_sample, const float* __restrict__ offset,
+                            bool softmax, float* __restrict__ row_out, int64_t K, int64_t B, int64_t m, int64_t d) {
+  extern __shared__ float smem[];
+  float* wt = smem;                           // [kClassChunk, kTileCols]
+  float* pp = smem + kClassChunk * kTileCols;  // [kTileRows, m]
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int64_t n_rows = K * B;
+  const int64_t n_groups = ceil_div(n_rows, kTileRows);
+  for (int64_t group = blockIdx.x; group < n_groups; group += gridDim.x) {
+    // This warp's rows: p' into shared memory, the pivot a, s = Σ_{c≠a} p_c, the label, the offset row.
+    int64_t wa_off[kRowsPerWarp], wy_off[kRowsPerWarp], off_row[kRowsPerWarp];
+    float s[kRowsPerWarp];
+    bool live[kRowsPerWarp];
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const int local = warp * kRowsPerWarp + i;
+      const int64_t row = group * kTileRows + local;
+      float* p = pp + local * m;
+      live[i] = row < n_rows;
+      s[i] = 0.f;
+      wa_off[i] = wy_off[i] = off_row[i] = 0;
+      if (!live[i]) {
+        for (int64_t c = lane; c < m; c += kWarp) p[c] = 0.f;  // a dead row adds nothing to the GEMM
+        continue;
+      }
+      const int64_t b = row % B;
+      warp_activation_to_smem(logits + row * m, m, p, lane, softmax);
+      wy_off[i] = safe_label(y, b, m) * d;
+      off_row[i] = b * d;
+      if (softmax) {
+        const int64_t a = warp_argmax_smem(p, m, lane);
+        float part = 0.f;
+        for (int64_t c = lane; c < m; c += kWarp) part += c == a ? 0.f : p[c];
+        s[i] = warp_sum(part);
+        wa_off[i] = a * d;
+        __syncwarp();  // every lane has read p[a] before it is zeroed
+        if (lane == 0) p[a] = 0.f;
+      }
+    }
+    float sq[kRowsPerWarp] = {};
+    for (int64_t j0 = 0; j0 < d; j0 += kTileCols) {
+      float acc[kRowsPerWarp][kCols] = {};
+      for (int64_t c0 = 0; c0 < m; c0 += kClassChunk) {
+        const int n_c = static_cast<int>(m - c0 < kClassChunk ? m - c0 : kClassChunk);
+        __syncthreads();  // the previous chunk is consumed (and, the first time, p' is written)
+        for (int e = threadIdx.x; e < n_c * kTileCols; e += blockDim.x) {
+          const int cc = e / kTileCols, jj = e % kTileCols;
+          wt[e] = j0 + jj < d ? W[(c0 + cc) * d + j0 + jj] : 0.f;
+        }
+        __syncthreads();
+        for (int cc = 0; cc < n_c; ++cc) {
+          float w[kCols], pc[kRowsPerWarp];
+#pragma unroll
+          for (int t = 0; t < kCols; ++t) w[t] = wt[cc * kTileCols + lane + kWarp * t];
+#pragma unroll
+          for (int i = 0; i < kRowsPerWarp; ++i) pc[i] = pp[(warp * kRowsPerWarp + i) * m + c0 + cc];
+#pragma unroll
+          for (int i = 0; i < kRowsPerWarp; ++i) {
+#pragma unroll
+            for (int t = 0; t < kCols; ++t) acc[i][t] += pc[i] * w[t];  // classes in order c = 0..m−1
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kRowsPerWarp; ++i) {
+#pragma unroll
+        for (int t = 0; t < kCols; ++t) {
+          const int64_t j = j0 + lane + kWarp * t;
+          if (!live[i] || j >= d) continue;
+          const float target = W[wy_off[i] + j] - (offset == nullptr ? 0.f : offset[off_row[i] + j]);
+          float r;
+          if (softmax) {
+            const float wa = W[wa_off[i] + j];
+            r = (wa - target) + (acc[i][t] - s[i] * wa);
+          } else {
+            r = acc[i][t] - target;
+          }
+          sq[i] += r * r;
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const float total = warp_sum(sq[i]);
+      const int64_t row = group * kTileRows + warp * kRowsPerWarp + i;
+      if (lane == 0 && live[i]) row_out[row] = weight[w_per_sample ? row : row / B] * total;
+    }
+    __syncthreads();  // p' and the W chunk are rewritten for the next group
+  }
+}
+
 // Per row: dlogits, q = p − onehot(y), gr = coef · r, dweight_rows = grad_loss[k] · ‖r‖² / B,
 // with coef = 2 / B · grad_loss[k] · weight[k(, b)]. Shared memory per warp: p [m], g [m], r [d],
 // u [d] (the pivot sum, softmax only).
@@ -200,12 +313,23 @@ at::Tensor local_loss(const at::Tensor& logits, const at::Tensor& W, const at::T
   constexpr const char* op = "noprop_cuda::local_loss";
   const Inputs in = check_inputs(op, logits, W, y, weight, offset);
   const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor rows = at::empty({in.K, in.B}, logits.options().dtype(at::kFloat));
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  if (in.m <= kTiledMaxClasses) {
+    const size_t smem = (kClassChunk * kTileCols + kTileRows * in.m) * sizeof(float);
+    NOPROP_DISPATCH_FLOAT(in.logits.scalar_type(), "noprop_cuda::local_loss", [&] {
+      local_loss_tiled_kernel<scalar_t><<<grid_for(in.K * in.B, kTileRows), kTileWarps * kWarp, smem, stream>>>(
+          in.logits.data_ptr<scalar_t>(), in.W32.data_ptr<float>(), in.y.data_ptr<int64_t>(),
+          in.weight32.data_ptr<float>(), in.weight32.dim() == 2, in.offset_ptr(), softmax, rows.data_ptr<float>(),
+          in.K, in.B, in.m, in.d);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return rows.mean(1);
+  }
   TORCH_CHECK(in.m <= kMaxSmemFloats, op, ": the CUDA kernel handles at most ", kMaxSmemFloats,
               " classes, got m = ", in.m, " (use NOPROP_BACKEND=triton or eager)");
-  at::Tensor rows = at::empty({in.K, in.B}, logits.options().dtype(at::kFloat));
   const int warps = warps_for_row(in.m);
   const size_t smem = static_cast<size_t>(warps) * in.m * sizeof(float);
-  const auto stream = at::cuda::getCurrentCUDAStream();
   NOPROP_DISPATCH_FLOAT(in.logits.scalar_type(), "noprop_cuda::local_loss", [&] {
     local_loss_kernel<scalar_t><<<grid_for(in.K * in.B, warps), warps * kWarp, smem, stream>>>(
         in.logits.data_ptr<scalar_t>(), in.W32.data_ptr<float>(), in.y.data_ptr<int64_t>(),

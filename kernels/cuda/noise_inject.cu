@@ -2,49 +2,78 @@
 //
 // Noise: z [K, B, d] is K·B rows of d columns, each row Q = ceil(d/4) quads; ε[k, b, j] is lane
 // j % 4 of philox_normal4(seed, (k·B + b)·Q + j / 4) (philox.cuh), so no noise is stored.
-// Forward: one thread per quad (one Philox call for four columns; 4-wide vector loads/stores when
-// d % 4 == 0 and W is aligned, masked scalar ones otherwise). Backward: one warp per row (k, b) for
+// Forward: one thread per (b, quad), looping over the blocks k (one Philox call for four columns;
+// 4-wide vector loads/stores when d % 4 == 0 and W is aligned, masked scalar ones otherwise). Backward: one warp per row (k, b) for
 // the coefficient gradients (lanes over quads, ε regenerated the same way), and one thread per
 // (b, j) summing over k for dW, added into row y_b with float32 atomics (then cast to W's dtype).
 #include "common.cuh"
 #include "ops.h"
 
+#include <algorithm>
+
 namespace noprop_cuda {
 namespace {
 
-// VEC4: d % 4 == 0 and W 4-element aligned (z is fresh: aligned), so a quad is one vector access.
+// One thread per (b, quad) and a run of blocks k: the label, the W[y_b] quad and the index
+// arithmetic (64-bit divisions, dearer than a Philox round) are done once and reused for every k,
+// as the Triton kernel reuses its W[y] tile. Consecutive threads take consecutive quads of a row, so
+// the stores coalesce. k_per_thread < K splits the blocks over more threads when B·Q alone would
+// leave the GPU idle (small B·d). VEC4: d % 4 == 0 and W 4-element aligned (z is fresh: aligned), so
+// a quad is one vector access.
 template <typename T, bool VEC4>
 __global__ void noise_inject_kernel(const T* __restrict__ W, const int64_t* __restrict__ y,
                                     const float* __restrict__ sa, const float* __restrict__ s1m, bool sa_per_sample,
                                     bool s1m_per_sample, const int64_t* __restrict__ seed_ptr, T* __restrict__ z,
-                                    int64_t K, int64_t B, int64_t d, int64_t m) {
+                                    int64_t K, int64_t B, int64_t d, int64_t m, int64_t k_per_thread) {
   const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
   const int64_t Q = noise_quads(d);
-  const int64_t n_quads = K * B * Q;
+  const int64_t n_bq = B * Q;
+  const int64_t n_work = n_bq * ceil_div(K, k_per_thread);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < n_quads; v += stride) {
-    const int64_t row = v / Q;  // k·B + b; v = row·Q + q is the quad's Philox counter
-    const int64_t j0 = (v - row * Q) * 4;
-    const int64_t k = row / B;
-    const int64_t b = row - k * B;
-    const float a = sa[sa_per_sample ? row : k];
-    const float s = s1m[s1m_per_sample ? row : k];
+  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < n_work; v += stride) {
+    const int64_t run = v / n_bq;
+    const int64_t bq = v - run * n_bq;
+    const int64_t b = bq / Q;
+    const int64_t q = bq - b * Q;
+    const int64_t j0 = 4 * q;
     const T* w = W + safe_label(y, b, m) * d + j0;
-    T* out = z + row * d + j0;
-    const Normal4 eps = philox_normal4(seed, static_cast<uint64_t>(v));
+    float u[4];
     if constexpr (VEC4) {
       const Vec<T, 4> wv = *reinterpret_cast<const Vec<T, 4>*>(w);
-      Vec<T, 4> o;
 #pragma unroll
-      for (int t = 0; t < 4; ++t) o.v[t] = from_f32<T>(a * to_f32(wv.v[t]) + s * eps.v[t]);
-      *reinterpret_cast<Vec<T, 4>*>(out) = o;
+      for (int t = 0; t < 4; ++t) u[t] = to_f32(wv.v[t]);
     } else {
 #pragma unroll
-      for (int t = 0; t < 4; ++t) {
-        if (j0 + t < d) out[t] = from_f32<T>(a * to_f32(w[t]) + s * eps.v[t]);
+      for (int t = 0; t < 4; ++t) u[t] = j0 + t < d ? to_f32(w[t]) : 0.f;
+    }
+    const int64_t k_end = (run + 1) * k_per_thread < K ? (run + 1) * k_per_thread : K;
+    for (int64_t k = run * k_per_thread; k < k_end; ++k) {
+      const int64_t row = k * B + b;
+      const float a = sa[sa_per_sample ? row : k];
+      const float s = s1m[s1m_per_sample ? row : k];
+      const Normal4 eps = philox_normal4(seed, static_cast<uint64_t>(row * Q + q));  // the quad's counter
+      T* out = z + row * d + j0;
+      if constexpr (VEC4) {
+        Vec<T, 4> o;
+#pragma unroll
+        for (int t = 0; t < 4; ++t) o.v[t] = from_f32<T>(a * u[t] + s * eps.v[t]);
+        *reinterpret_cast<Vec<T, 4>*>(out) = o;
+      } else {
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+          if (j0 + t < d) out[t] = from_f32<T>(a * u[t] + s * eps.v[t]);
+        }
       }
     }
   }
+}
+
+// Blocks k per thread for the forward: all K when B·Q threads fill the GPU, fewer (more threads)
+// when they do not. 2^17 threads is about half of what an H100 keeps resident (132 SMs x 2048).
+int64_t k_per_thread_for(int64_t K, int64_t n_bq) {
+  constexpr int64_t kTargetThreads = int64_t{1} << 17;
+  const int64_t runs = std::min(K, std::max<int64_t>(1, ceil_div(kTargetThreads, n_bq)));
+  return ceil_div(K, runs);
 }
 
 // d_sa_rows[k·B + b] = Σ_j g·W[y_b, j];  d_s1m_rows[k·B + b] = Σ_j g·ε  ([K, B], float64).
@@ -135,15 +164,17 @@ at::Tensor noise_inject(const at::Tensor& W_in, const at::Tensor& y_in, const at
   const auto stream = at::cuda::getCurrentCUDAStream();
   NOPROP_DISPATCH_FLOAT(W.scalar_type(), "noprop_cuda::noise_inject", [&] {
     const bool vec4 = d % 4 == 0 && aligned_to(W.data_ptr(), 4 * sizeof(scalar_t));  // z is fresh: aligned
-    const unsigned grid = grid_for(K * B * noise_quads(d), kThreads);  // one thread per quad
+    const int64_t n_bq = B * noise_quads(d);
+    const int64_t k_per_thread = k_per_thread_for(K, n_bq);
+    const unsigned grid = grid_for(n_bq * ceil_div(K, k_per_thread), kThreads);
     if (vec4) {
       noise_inject_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
           W.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), sa.data_ptr<float>(), s1m.data_ptr<float>(), sa.dim() == 2,
-          s1m.dim() == 2, seed.data_ptr<int64_t>(), z.data_ptr<scalar_t>(), K, B, d, m);
+          s1m.dim() == 2, seed.data_ptr<int64_t>(), z.data_ptr<scalar_t>(), K, B, d, m, k_per_thread);
     } else {
       noise_inject_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
           W.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), sa.data_ptr<float>(), s1m.data_ptr<float>(), sa.dim() == 2,
-          s1m.dim() == 2, seed.data_ptr<int64_t>(), z.data_ptr<scalar_t>(), K, B, d, m);
+          s1m.dim() == 2, seed.data_ptr<int64_t>(), z.data_ptr<scalar_t>(), K, B, d, m, k_per_thread);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
