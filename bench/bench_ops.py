@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from noprop import dispatch
-from noprop.bench import write_text_atomically
+from noprop.atomic import write_text_atomically
 from noprop.ops import new_seed
 
 CONFIGS = [(11, 4096, 10, 10), (11, 4096, 10, 784)]  # (K, B, m, d) on a GPU

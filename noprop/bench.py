@@ -55,6 +55,8 @@ from pathlib import Path
 
 import torch
 
+from noprop.atomic import write_text_atomically
+
 DT_MODES = ("parallel", "chunked", "lean", "sequential")
 EXECUTIONS = ("loop", "vmap", "threads")  # measurable executions (noprop.engine); "auto" picks one
 BASELINES = ("backprop", "cnn")
@@ -513,15 +515,6 @@ def _rounded(v):
     if isinstance(v, list):
         return [_rounded(x) for x in v]
     return v
-
-
-def write_text_atomically(path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_outputs(records: list[dict], json_path=None, csv_path=None) -> None:

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic save (temp file + fsync + rename), validated load.
+"""Checkpoints: atomic save (noprop.atomic: temp file + fsync + rename), validated load.
 
 An interrupted save never leaves a truncated checkpoint behind: the previous file stays intact
 until the new one is completely on disk.
@@ -6,10 +6,11 @@ until the new one is completely on disk.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from noprop.atomic import write_atomically
 
 FORMAT = "noprop-checkpoint-v1"
 
@@ -20,19 +21,7 @@ class CheckpointError(RuntimeError):
 
 def save(state: dict, path: str | os.PathLike) -> Path:
     """Write `state` (plus a format tag) to `path` atomically; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
 def load(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from noprop.atomic import write_text_atomically
+
 STAGES = ("noprop.noise", "noprop.block_forward", "noprop.local_loss", "noprop.backward", "noprop.optimizer")
 _nvtx = os.environ.get("NOPROP_NVTX", "0").strip().lower() in ("1", "true", "on", "yes")
 
@@ -155,7 +157,7 @@ def main_args(args) -> int:
     stages = _stage_table(events)
     head = (f"noprop profile: {case.label} | device {device} | batch {args.batch} | T {args.T} | "
             f"{args.steps} steps in {wall:.2f} s under the profiler | torch {torch.__version__}")
-    (out / "table.txt").write_text(f"{head}\n\n{stages}\n\n{op_table}\n")
+    write_text_atomically(out / "table.txt", f"{head}\n\n{stages}\n\n{op_table}\n")
     print(head)
     print("\nper op (sorted by " + sort + "):")
     print(op_table)
