@@ -194,12 +194,16 @@ def test_local_loss_matches_reference(gpu, dtype, K, B, m, d):
 
 
 # The forward's tiled kernel takes m <= 256 classes (in chunks of 32); more go to the per-row kernel.
+# [K] and [K, B] weights, with and without the offset; (3, 41, 33, 257): a class chunk of 1, d past 2 tiles.
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("softmax", (False, True), ids=["identity", "softmax"])
-@pytest.mark.parametrize("K,B,m,d", [(2, 7, 256, 20), (2, 7, 257, 20), (1, 33, 300, 130)])
-def test_local_loss_with_many_classes_matches_reference(gpu, dtype, softmax, K, B, m, d):
-    x, r, _ = _case(K, B, m, d, dtype, True, gpu)
-    _check_local_loss(x, r, lambda t: (t["logits"], t["W"], t["y"], t["weight"], None, softmax))
+@pytest.mark.parametrize("K,B,m,d,per_sample", [(2, 7, 256, 20, True), (2, 7, 257, 20, False), (1, 33, 300, 130, True),
+                                                 (3, 41, 33, 257, False)])
+@pytest.mark.parametrize("offset", (False, True), ids=["no-offset", "offset"])
+def test_local_loss_with_many_classes_matches_reference(gpu, dtype, softmax, K, B, m, d, per_sample, offset):
+    x, r, _ = _case(K, B, m, d, dtype, per_sample, gpu)
+    _check_local_loss(x, r, lambda t: (t["logits"], t["W"], t["y"], t["weight"], t["gz"][0] if offset else None,
+                                       softmax))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -247,8 +251,9 @@ def test_mixed_dtypes_follow_eager(gpu):
 # d % 4 != 0 (a masked tail quad per row: 1, 5, 10, 261) and d % 4 == 0 (the 4-wide vector path).
 # The forward gives each thread a run of blocks k; (10, 170, 784) has B·Q = 33,320 threads' worth of
 # quads, so K = 10 is split into runs of 3, 3, 3 and 1 (noise_inject.cu, k_per_thread_for).
+# (10, 170, 783) does the same with the masked tail quad, and (10, 1000, 784) keeps all K in one run.
 @pytest.mark.parametrize("shape", [(1, 1, 10), (10, 7, 784), (3, 1000, 20), (3, 17, 1), (2, 9, 5), (2, 33, 261),
-                                   (10, 170, 784)])
+                                   (10, 170, 784), (10, 170, 783), (10, 1000, 784)])
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "W-offset"])
 def test_noise_identical_to_eager_philox(gpu, shape, aligned):
     K, B, d = shape

@@ -1,8 +1,10 @@
 // noprop_cuda::local_loss and its backward (semantics: noprop/ops/eager.py).
 //
-// One warp per row (k, b): p = softmax(logits[k, b]) (or the logits themselves when softmax is off:
-// FM's velocity) goes to shared memory, the residual r = p·W − W[y_b] + offset[b] (offset optional)
-// is formed column by column (lanes over d, W read coalesced, float32 throughout).
+// p = softmax(logits[k, b]) (or the logits themselves when softmax is off: FM's velocity) goes to
+// shared memory and the residual r = p·W − W[y_b] + offset[b] (offset optional) is formed in float32
+// with lanes over d (W read coalesced). The forward takes 32 rows per block and stages W tiles in
+// shared memory (local_loss_tiled_kernel) for m <= 256 classes, one warp per row above that; the
+// backward takes one warp per row.
 //
 // Accuracy: with a softmax, p·W is formed around the row's most likely class a (the pivot):
 // p·W = W[a] + u with u = Σ_{c≠a} p_c (W[c] − W[a]), exact because Σ p = 1. The backward's
@@ -94,8 +96,10 @@ __global__ void local_loss_kernel(const L* __restrict__ logits, const float* __r
 // kernel above re-reads all of W for every row: 31 KB per row at m = 10, d = 784, which bound it on
 // an H100). Around the pivot a the residual is a small GEMM:
 //   u = p'·W − s·W[a],  p' = p with p_a set to 0,  s = Σ_{c≠a} p_c,
-// the same Σ_{c≠a} p_c (W[c] − W[a]) as above (no term of size p_a ≈ 1 ever enters), so the same
-// accuracy; without a softmax p' = logits, s = 0 and the pivot terms drop out.
+// the same Σ_{c≠a} p_c (W[c] − W[a]) as above, and no term of size p_a ≈ 1 ever enters: the error is
+// ~eps·s·|W| (the per-row kernel subtracts W[a] term by term and can do better when W's rows share a
+// large common part; both stay well inside eager's float32 error). Without a softmax p' = logits,
+// s = 0 and the pivot terms drop out. Launch with kTileWarps warps (the row ownership below).
 // Shared memory: p' [kTileRows, m] and a [kClassChunk, kTileCols] chunk of the W tile. Warp w owns
 // rows 4w..4w+3 of the block (softmax, pivot, and the final sum); lane l owns columns l + 32·t.
 // Per tile the block reads m·kTileCols floats of W (L2) and gathers W[a], W[y] (and the offset)
@@ -156,9 +160,12 @@ __global__ void __launch_bounds__(kTileWarps * kWarp)
       for (int64_t c0 = 0; c0 < m; c0 += kClassChunk) {
         const int n_c = static_cast<int>(m - c0 < kClassChunk ? m - c0 : kClassChunk);
         __syncthreads();  // the previous chunk is consumed (and, the first time, p' is written)
-        for (int e = threadIdx.x; e < n_c * kTileCols; e += blockDim.x) {
-          const int cc = e / kTileCols, jj = e % kTileCols;
-          wt[e] = j0 + jj < d ? W[(c0 + cc) * d + j0 + jj] : 0.f;
+        for (int cc = warp; cc < n_c; cc += kTileWarps) {  // warps over classes, lanes over columns
+#pragma unroll
+          for (int t = 0; t < kCols; ++t) {
+            const int jj = lane + kWarp * t;
+            wt[cc * kTileCols + jj] = j0 + jj < d ? W[(c0 + cc) * d + j0 + jj] : 0.f;
+          }
         }
         __syncthreads();
         for (int cc = 0; cc < n_c; ++cc) {
@@ -198,7 +205,8 @@ __global__ void __launch_bounds__(kTileWarps * kWarp)
       const int64_t row = group * kTileRows + warp * kRowsPerWarp + i;
       if (lane == 0 && live[i]) row_out[row] = weight[w_per_sample ? row : row / B] * total;
     }
-    __syncthreads();  // p' and the W chunk are rewritten for the next group
+    // No barrier needed before the next group: a warp reads only its own rows of p', and the W chunk
+    // is rewritten only after the __syncthreads at the top of the chunk loop.
   }
 }
 
