@@ -8,6 +8,8 @@ float64) + floor. The floor: the kernel accumulates in float32 like eager but in
 value that differs from eager's near a rounding midpoint may round to the neighbouring value: one
 ulp of the output dtype at that magnitude (ulp(x) >= eps·|x|/2, hence eps/2 x scale).
 """
+import importlib
+
 import pytest
 import torch
 
@@ -15,6 +17,8 @@ import noprop.kernels.triton as T
 from noprop import dispatch, ops
 from tests.error_rule import LOW, assert_error_rule
 from noprop.ops.philox import philox_randn
+
+NI = importlib.import_module("noprop.kernels.triton.noise_inject")  # the module: T.noise_inject is the function
 
 
 @pytest.fixture(autouse=True)
@@ -108,6 +112,85 @@ def test_eps_is_standard_normal_and_equals_eager_philox(K, B, d):
     # z is built from that very ε.
     expect = sa[..., None] * W[y] + s1m[..., None] * eps
     torch.testing.assert_close(z, expect, rtol=1e-6, atol=1e-6)
+
+
+def test_k_runs_choice():
+    # (k_per_run, runs): K cut into runs until the (b, j) tiles make the target number of programs.
+    assert NI._k_runs(10, 1, target=4) == (3, 4)  # runs of 3, 3, 3, 1
+    assert NI._k_runs(10, 2, target=5) == (4, 3)  # 3 runs wanted: 4, 4, 2
+    assert NI._k_runs(10, 1, target=7) == (2, 5)  # 7 runs wanted; runs of 2 need only 5: none empty
+    assert NI._k_runs(10, 3, target=100) == (1, 10)  # never more runs than blocks
+    assert NI._k_runs(10, 4, target=4) == (10, 1)  # the tiles alone reach it: W[y] reused by all K
+    assert NI._k_runs(1, 1, target=512) == (1, 1)
+    # The production target (an H100): B = 1 or B·d = 128 x 10 is one tile -> one block per program;
+    # enough tiles keep one run.
+    assert NI._k_runs(10, 1) == (1, 10)
+    assert NI._k_runs(10, NI._TARGET_PROGRAMS) == (10, 1)
+    for K in range(1, 40):
+        for tiles in (1, 2, 3, 7, 16):
+            for target in (1, 4, 5, 64):
+                per, runs = NI._k_runs(K, tiles, target)
+                assert 1 <= runs <= K and (runs - 1) * per < K <= runs * per  # every run non-empty, K covered
+
+
+def _launched_grid(monkeypatch):
+    """Records the grid and the k_per_run of each forward launch (the launch still runs)."""
+    seen = []
+    kernel = NI._noise_inject_fwd
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((tuple(grid), args[14]))  # args[14]: K_PER_RUN
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(NI, "_noise_inject_fwd", Spy())
+    return seen
+
+
+# K split into runs of uneven length (target lowered so that interpreter-sized shapes split):
+# one (b, j) tile with K = 10 in runs 3, 3, 3, 1; two column tiles (d = 261) with runs 4, 4, 2;
+# a tail quad (d = 5) with runs of 2. Each is compared with the single run over all K (target 1,
+# the large-problem path) too.
+@pytest.mark.parametrize("K,B,d,target,expect", [
+    (10, 7, 20, 4, ((1, 1, 4), 3)),
+    (10, 5, 261, 5, ((1, 2, 3), 4)),
+    (10, 7, 5, 7, ((1, 1, 5), 2)),
+])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["coef[K]", "coef[K,B]"])
+def test_forward_split_into_k_runs_matches_eager(K, B, d, target, expect, per_sample, monkeypatch):
+    monkeypatch.setattr(NI, "_TARGET_PROGRAMS", target)
+    seen = _launched_grid(monkeypatch)
+    W, y, sa, s1m, seed, _ = _inputs(K, B, 10, d, torch.float32, per_sample)
+    with dispatch.use_backend("triton"):
+        z, eps = ops.noise_inject(W, y, sa, s1m, seed, return_eps=True)
+    assert seen and all(s == expect for s in seen), seen
+    # Every block's noise, in every run: element (k, b, j) is lane j % 4 of counter (k·B + b)·⌈d/4⌉ + j // 4.
+    ref_eps = philox_randn(seed, (K, B, d))
+    torch.testing.assert_close(eps, ref_eps, rtol=0, atol=1e-5)
+    # The same noise as the one-run launch, bit for bit.
+    monkeypatch.setattr(NI, "_TARGET_PROGRAMS", 1)
+    with dispatch.use_backend("triton"):
+        z1, eps1 = ops.noise_inject(W, y, sa, s1m, seed, return_eps=True)
+    assert torch.equal(eps, eps1) and torch.equal(z, z1)
+    # And z against the float64 eager reference by the project's error rule.
+    with dispatch.use_backend("eager"):
+        ref = ops.noise_inject(W.double(), y, sa.double(), s1m.double(), seed)
+        same = ops.noise_inject(W, y, sa, s1m, seed)
+    assert_error_rule(z, same, ref, "z")
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_forward_split_into_k_runs_low_precision(dtype, monkeypatch):
+    monkeypatch.setattr(NI, "_TARGET_PROGRAMS", 4)  # K = 10, one tile: runs 3, 3, 3, 1
+    W, y, sa, s1m, seed, _ = _inputs(10, 6, 10, 12, dtype, True)
+    with dispatch.use_backend("triton"):
+        z = ops.noise_inject(W, y, sa, s1m, seed)
+    with dispatch.use_backend("eager"):
+        ref = ops.noise_inject(W.double(), y, sa.double(), s1m.double(), seed)
+        same = ops.noise_inject(W, y, sa, s1m, seed)
+    assert_error_rule(z, same, ref, "z")
 
 
 @pytest.mark.parametrize("d", [20, 5, 261])
