@@ -101,7 +101,8 @@ __global__ void local_loss_kernel(const L* __restrict__ logits, const float* __r
 // large common part; both stay well inside eager's float32 error). Without a softmax p' = logits,
 // s = 0 and the pivot terms drop out. Launch with kTileWarps warps (the row ownership below).
 // Shared memory: p' [kTileRows, m] and a [kClassChunk, kTileCols] chunk of the W tile. Warp w owns
-// rows 4w..4w+3 of the block (softmax, pivot, and the final sum); lane l owns columns l + 32·t.
+// rows 4w..4w+3 of the block (softmax and pivot with 8 lanes per row, then the final sums); in the
+// GEMM lane l owns columns l + 32·t of all four.
 // Per tile the block reads m·kTileCols floats of W (L2) and gathers W[a], W[y] (and the offset)
 // for its rows from L1/L2; logits are read once. Global traffic is ~K·B·m·elt: FMA-bound.
 constexpr int kTileRows = 32;
@@ -110,6 +111,77 @@ constexpr int kTileWarps = kTileRows / kRowsPerWarp;  // 8 warps, 256 threads
 constexpr int kTileCols = kWarp * kCols;              // 128
 constexpr int kClassChunk = 32;
 constexpr int64_t kTiledMaxClasses = 256;  // p' then needs 32 KB of shared memory, the W chunk 16 KB
+
+constexpr int kRowLanes = kWarp / kRowsPerWarp;  // 8 lanes per row in the tiled kernel's row phase
+
+// Sum / max / argmax over the 8 lanes of a row group (xor offsets < 8 stay inside the group). Every
+// lane of the warp must call these (full-mask shuffles), dead rows included.
+template <typename F>
+__device__ __forceinline__ float row_reduce(float v, F op) {
+#pragma unroll
+  for (int off = kRowLanes / 2; off > 0; off /= 2) v = op(v, __shfl_xor_sync(kFullMask, v, off));
+  return v;
+}
+
+struct RowPrep {
+  int64_t wa_off, wy_off, off_row;  // W[a], W[y] and offset row starts (elements)
+  float s;                          // Σ_{c≠a} p_c (softmax), 0 otherwise
+};
+
+// One row of the tiled kernel, by its 8 lanes (sub = 0..7): p' = activation with p_a zeroed into
+// p[0..m), and the row's pivot offsets. A row past the end (row >= n_rows) gets p' = 0.
+template <typename L>
+__device__ __forceinline__ RowPrep prepare_row(const L* logits, const int64_t* y, bool softmax, int64_t row, float* p,
+                                               int sub, int64_t n_rows, int64_t B, int64_t m, int64_t d) {
+  const bool live = row < n_rows;
+  const int64_t n = live ? m : 0;  // a dead row loops over nothing but still joins the shuffles
+  const L* x = logits + (live ? row : 0) * m;
+  float mx = -INFINITY;
+  for (int64_t c = sub; c < n; c += kRowLanes) {
+    const float v = to_f32(x[c]);
+    p[c] = v;
+    mx = fmaxf(mx, v);
+  }
+  RowPrep out{0, 0, 0, 0.f};
+  if (softmax) {
+    mx = row_reduce(mx, [](float a, float b) { return fmaxf(a, b); });
+    float sum = 0.f;
+    for (int64_t c = sub; c < n; c += kRowLanes) {
+      const float e = expf(p[c] - mx);
+      p[c] = e;
+      sum += e;
+    }
+    const float inv = 1.f / row_reduce(sum, [](float a, float b) { return a + b; });
+    // argmax (smallest index on ties; a row of NaNs has none and takes pivot 0, whose NaNs spread)
+    float best = -INFINITY;
+    int64_t arg = m;
+    for (int64_t c = sub; c < n; c += kRowLanes) {
+      p[c] *= inv;
+      if (p[c] > best) { best = p[c]; arg = c; }
+    }
+#pragma unroll
+    for (int off = kRowLanes / 2; off > 0; off /= 2) {
+      const float ob = __shfl_xor_sync(kFullMask, best, off);
+      const int64_t oa = __shfl_xor_sync(kFullMask, arg, off);
+      if (ob > best || (ob == best && oa < arg)) { best = ob; arg = oa; }
+    }
+    const int64_t a = arg < m ? arg : 0;
+    float part = 0.f;
+    for (int64_t c = sub; c < n; c += kRowLanes) part += c == a ? 0.f : p[c];
+    out.s = row_reduce(part, [](float u, float v) { return u + v; });
+    out.wa_off = a * d;
+    __syncwarp();  // every lane has read p[a] before it is zeroed
+    if (live && sub == 0) p[a] = 0.f;
+  }
+  if (!live) {
+    for (int64_t c = sub; c < m; c += kRowLanes) p[c] = 0.f;  // a dead row adds nothing to the GEMM
+  } else {
+    const int64_t b = row % B;
+    out.wy_off = safe_label(y, b, m) * d;
+    out.off_row = b * d;
+  }
+  return out;
+}
 
 template <typename L>
 __global__ void __launch_bounds__(kTileWarps * kWarp)
@@ -124,35 +196,23 @@ __global__ void __launch_bounds__(kTileWarps * kWarp)
   const int64_t n_rows = K * B;
   const int64_t n_groups = ceil_div(n_rows, kTileRows);
   for (int64_t group = blockIdx.x; group < n_groups; group += gridDim.x) {
-    // This warp's rows: p' into shared memory, the pivot a, s = Σ_{c≠a} p_c, the label, the offset row.
+    // p' into shared memory, the pivot a and s = Σ_{c≠a} p_c for this warp's 4 rows at once: each row
+    // gets 8 lanes (lane / 8 = the row), so a reduction is 3 shuffle steps and no lane idles at
+    // m = 10 (a whole warp per row took four rounds of 5-step reductions, bounding small d).
+    const int my_row = warp * kRowsPerWarp + lane / kRowLanes;  // within the block's kTileRows
+    const RowPrep mine = prepare_row(logits, y, softmax, group * kTileRows + my_row, pp + my_row * m, lane % kRowLanes,
+                                     n_rows, B, m, d);
     int64_t wa_off[kRowsPerWarp], wy_off[kRowsPerWarp], off_row[kRowsPerWarp];
     float s[kRowsPerWarp];
     bool live[kRowsPerWarp];
 #pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) {
-      const int local = warp * kRowsPerWarp + i;
-      const int64_t row = group * kTileRows + local;
-      float* p = pp + local * m;
-      live[i] = row < n_rows;
-      s[i] = 0.f;
-      wa_off[i] = wy_off[i] = off_row[i] = 0;
-      if (!live[i]) {
-        for (int64_t c = lane; c < m; c += kWarp) p[c] = 0.f;  // a dead row adds nothing to the GEMM
-        continue;
-      }
-      const int64_t b = row % B;
-      warp_activation_to_smem(logits + row * m, m, p, lane, softmax);
-      wy_off[i] = safe_label(y, b, m) * d;
-      off_row[i] = b * d;
-      if (softmax) {
-        const int64_t a = warp_argmax_smem(p, m, lane);
-        float part = 0.f;
-        for (int64_t c = lane; c < m; c += kWarp) part += c == a ? 0.f : p[c];
-        s[i] = warp_sum(part);
-        wa_off[i] = a * d;
-        __syncwarp();  // every lane has read p[a] before it is zeroed
-        if (lane == 0) p[a] = 0.f;
-      }
+    for (int i = 0; i < kRowsPerWarp; ++i) {  // every lane learns every row's values from the row's first lane
+      const int src = i * kRowLanes;
+      wa_off[i] = __shfl_sync(kFullMask, mine.wa_off, src);
+      wy_off[i] = __shfl_sync(kFullMask, mine.wy_off, src);
+      off_row[i] = __shfl_sync(kFullMask, mine.off_row, src);
+      s[i] = __shfl_sync(kFullMask, mine.s, src);
+      live[i] = group * kTileRows + warp * kRowsPerWarp + i < n_rows;
     }
     float sq[kRowsPerWarp] = {};
     for (int64_t j0 = 0; j0 < d; j0 += kTileCols) {
