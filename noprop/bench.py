@@ -56,6 +56,7 @@ from pathlib import Path
 import torch
 
 from noprop.atomic import write_text_atomically
+from noprop.devices import usable_device
 
 DT_MODES = ("parallel", "chunked", "lean", "sequential")
 EXECUTIONS = ("loop", "vmap", "threads")  # measurable executions (noprop.engine); "auto" picks one
@@ -565,9 +566,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def options(args) -> tuple[dict, list, list, list]:
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device visible to torch")
+    device = usable_device(args.device)
     if args.cuda_graph and device.type != "cuda":
         raise ValueError(f"--cuda-graph: CUDA graphs need a CUDA device, got --device {args.device}")
     if args.quick:

@@ -4,8 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import fields
+from pathlib import Path
 
+from noprop.devices import usable_device
 from noprop.training import METHODS, SCHEDULES, TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -133,6 +136,7 @@ def _train(args) -> int:
     _set_threads(args)
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     cfg = TrainConfig(**values)
+    usable_device(cfg.device)  # before the data loads: a missing GPU is the first thing said
     split = load(cfg.data, cfg.data_dir, cfg.seed)
     mode = {"dt": cfg.schedule, "ct": "one network, per-sample t", "fm": "one network, per-sample t"}
     print(f"training {cfg.method} ({mode.get(cfg.method, 'end to end')}) on {split.name}: "
@@ -151,7 +155,7 @@ def _eval(args) -> int:
     from noprop.training import evaluate, load_model
 
     _set_threads(args)
-    model, cfg, _ = load_model(args.checkpoint, args.device)
+    model, cfg, _ = load_model(args.checkpoint, usable_device(args.device))
     split = load(cfg.data, args.data_dir or cfg.data_dir, cfg.seed)
     if args.inference_steps is not None and args.inference_steps < 1:
         raise ValueError(f"inference_steps must be >= 1, got {args.inference_steps}")
@@ -184,25 +188,33 @@ def _profile(args) -> int:
 COMMANDS = {"train": _train, "eval": _eval, "info": _info, "bench": _bench, "profile": _profile}
 
 
-# What an interrupted command leaves behind (after "interrupted").
-INTERRUPTED = {
-    "train": " (the last completed epoch's checkpoint is intact; continue with --resume)",
-    "bench": " (--json/--csv/--out hold the cases measured so far)",
-}
+def _interrupted_note(args, started: float) -> str:
+    """What an interrupted command leaves behind, said after "interrupted"."""
+    if args.command == "bench":
+        return " (--json/--csv/--out hold the cases measured so far)"
+    if args.command != "train" or not args.checkpoint:
+        return ""
+    ck = Path(args.checkpoint)
+    if ck.is_file() and (args.resume or ck.stat().st_mtime >= started):
+        return f" (the checkpoint {ck} of the last completed epoch is intact; continue with --resume)"
+    earlier = f"; {ck} is from an earlier run" if ck.is_file() else ""
+    return f" (before its first epoch ended: this run wrote no checkpoint{earlier})"
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from noprop.checkpoint import CheckpointError
     from noprop.data import DataError
+    from noprop.dispatch import BackendUnavailable
 
+    started = time.time()
     try:
         return COMMANDS[args.command](args)
-    except (CheckpointError, DataError, ValueError, FloatingPointError) as exc:
+    except (CheckpointError, DataError, BackendUnavailable, ValueError, FloatingPointError, OSError) as exc:
         print(f"noprop {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"noprop {args.command}: interrupted{INTERRUPTED.get(args.command, '')}", file=sys.stderr)
+        print(f"noprop {args.command}: interrupted{_interrupted_note(args, started)}", file=sys.stderr)
         return 130
 
 

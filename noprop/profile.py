@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from noprop.atomic import write_text_atomically
+from noprop.devices import usable_device
 
 STAGES = ("noprop.noise", "noprop.block_forward", "noprop.local_loss", "noprop.backward", "noprop.optimizer")
 _nvtx = os.environ.get("NOPROP_NVTX", "0").strip().lower() in ("1", "true", "on", "yes")
@@ -117,9 +118,7 @@ def main_args(args) -> int:
 
     if args.steps < 1:
         raise ValueError(f"steps must be >= 1, got {args.steps}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device visible to torch")
+    device = usable_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     enable_nvtx(args.nvtx)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 from noprop import checkpoint as ckpt
 from noprop import engine, graphs
 from noprop.data import Dataset, Split, batches, random_shift, validate
+from noprop.devices import usable_device
 from noprop.embeddings import ClassEmbedding, make_embedding
 from noprop.models import BackpropDT, CNNClassifier, NoPropCT, NoPropDT, NoPropFM, ct_block, dt_block_factory
 from noprop.ops import new_seed
@@ -339,20 +341,76 @@ def _cosine_lr(opts: Optimizers, epoch: int, epochs: int) -> None:
             group["lr"] = base * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs))
 
 
+# A resumed run continues the same run: these fields shape the model, its updates or its data order
+# and must match the checkpoint's. The others (epochs, evaluation settings, device, execution, the
+# CUDA graph, data_dir) may change between the interrupted run and its continuation.
+RESUME_MUST_MATCH = ("method", "schedule", "embedding", "embed_dim", "T", "eta", "max_alpha_bar", "batch_size",
+                     "lr", "weight_decay", "augment_shift", "chunk_size", "shared_lr_scale", "seed", "data")
+
+
+def _check_output_path(path, what: str) -> None:
+    """Fail before training, not after the first epoch, when `path` cannot be written."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a directory; give a file path (e.g. {path / 'noprop.pt'})")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{what} {path}: cannot create its folder {path.parent} ({exc.strerror})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise ValueError(f"{what} {path}: its folder {path.parent} is not writable")
+
+
+MODEL_KINDS = {"dt": NoPropDT, "backprop": BackpropDT, "cnn": CNNClassifier, "ct": NoPropCT, "fm": NoPropFM}
+
+
+def _check_model_matches(model, cfg: TrainConfig) -> None:
+    """A model brought to `fit` must be of the kind cfg.method names, with cfg.T blocks: the training
+    step, the optimizer and the checkpoint's config all follow cfg."""
+    kind = MODEL_KINDS[cfg.method]
+    if not isinstance(model, kind):
+        raise ValueError(f"fit: cfg.method {cfg.method!r} trains a {kind.__name__}, got a {type(model).__name__} "
+                         f"(set method to the model's kind: {dict((v.__name__, k) for k, v in MODEL_KINDS.items())})")
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None and len(blocks) != cfg.T:
+        raise ValueError(f"fit: the model has {len(blocks)} blocks but cfg.T is {cfg.T}: set T={len(blocks)}")
+
+
+def _check_resumable(state: dict, cfg: TrainConfig, path) -> None:
+    saved = TrainConfig.from_dict(state.get("config", {})) if isinstance(state.get("config"), dict) else None
+    if saved is None:
+        raise ckpt.CheckpointError(f"--resume: {path} has no training config to resume")
+    diffs = [f"{name} {getattr(saved, name)!r} (now {getattr(cfg, name)!r})" for name in RESUME_MUST_MATCH
+             if getattr(saved, name) != getattr(cfg, name)]
+    if diffs:
+        raise ckpt.CheckpointError(f"--resume: {path} was trained with " + ", ".join(diffs) + "; a resumed run "
+                                   "continues that run with its settings (only epochs, evaluation, device and "
+                                   "execution may change): pass the same ones, or start a new run with another "
+                                   "--checkpoint")
+
+
 def fit(cfg: TrainConfig, split: Split, checkpoint_path=None, metrics_path=None, resume: bool = False,
         progress: bool = True, log=print, model=None):
     """Train per `cfg` on `split`; checkpoint every epoch; returns (model, history).
 
     model: bring your own (e.g. a NoPropDT of your own blocks, or a BackpropDT of the same blocks);
-    by default the model `cfg` describes is built. `cfg.method` must name its kind.
+    by default the model `cfg` describes is built. `cfg.method` must name its kind and `cfg.T` its
+    number of blocks (checked). `noprop eval` rebuilds only models a config describes; reload one of
+    your own with model.load_state_dict(noprop.checkpoint.load(checkpoint_path)["model"]).
+    Checked before any training: the device (`noprop.devices.usable_device`), that checkpoint_path
+    and metrics_path can be written, and on resume that the checkpoint's settings match `cfg`.
     """
     validate(split.train.images, split.train.labels, split.num_classes, "training set")
-    if cfg.cuda_graph and not torch.cuda.is_available():
-        raise ValueError("cuda_graph: CUDA graphs need a CUDA device, but no CUDA device is visible to torch")
+    device = usable_device(cfg.device, "device")
+    _check_output_path(checkpoint_path, "checkpoint")
+    _check_output_path(metrics_path, "metrics file")
     torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
     if model is None:
         model = build_model(cfg, split.image_shape, split.num_classes, split.train)
+    else:
+        _check_model_matches(model, cfg)
     model = model.to(device)
     opts = Optimizers(model, cfg)
     captured = None  # cuda_graph: the step captured on the first batch (after a resume's state is loaded)
@@ -361,7 +419,13 @@ def fit(cfg: TrainConfig, split: Split, checkpoint_path=None, metrics_path=None,
         if checkpoint_path is None or not Path(checkpoint_path).exists():
             raise ckpt.CheckpointError(f"--resume: no checkpoint at {checkpoint_path} to resume from")
         state = ckpt.load(checkpoint_path, map_location=device)
-        model.load_state_dict(state["model"])
+        _check_resumable(state, cfg, checkpoint_path)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:  # same config, other model: fit(model=...) with other blocks
+            first = str(exc).strip().splitlines()[0]
+            raise ckpt.CheckpointError(f"--resume: the model in {checkpoint_path} does not fit this one ({first})") \
+                from None
         opts.load_state_dict(state["optimizers"])
         history, start_epoch = state["history"], state["epoch"]
         torch.set_rng_state(state["rng"])
@@ -426,6 +490,7 @@ def fit(cfg: TrainConfig, split: Split, checkpoint_path=None, metrics_path=None,
 
 def load_model(path, device="cpu"):
     """(model, config, checkpoint state) from a checkpoint written by `fit`."""
+    device = usable_device(device, "device")
     state = ckpt.load(path, map_location=device)
     try:
         cfg = TrainConfig.from_dict(state["config"])
@@ -433,5 +498,8 @@ def load_model(path, device="cpu"):
         model = build_model(cfg, tuple(data["image_shape"]), data["num_classes"])
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-        raise ckpt.CheckpointError(f"checkpoint {path} does not describe a loadable model: {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ckpt.CheckpointError(
+            f"checkpoint {path} does not describe a model noprop can rebuild ({first}); a model of your own "
+            "blocks: build it again, then model.load_state_dict(noprop.checkpoint.load(path)['model'])") from exc
     return model.to(device), cfg, state

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from noprop.cli import build_parser, main
 
@@ -62,3 +63,80 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
 def test_train_says_how_its_blocks_run_on_the_threads_it_is_given(tmp_path, capsys, torch_threads, args, says):
     assert main(["train", *TINY, *args, "--checkpoint", str(tmp_path / "t.pt")]) == 0
     assert says in capsys.readouterr().out.splitlines()[0]
+
+
+NO_CUDA = not torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("device,says", [("gpu", "is not a device torch knows"),
+                                         ("xpu", "offers no xpu device")]
+                         + ([("cuda", "no CUDA device visible to torch")] if NO_CUDA else []))
+def test_unusable_devices_are_one_line_before_any_work(tmp_path, capsys, device, says):
+    ck = tmp_path / "never.pt"
+    assert main(["train", *TINY, "--device", device, "--checkpoint", str(ck)]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not ck.exists()
+    good = tmp_path / "good.pt"
+    assert main(["train", *TINY, "--checkpoint", str(good)]) == 0
+    assert main(["eval", str(good), "--device", device]) == 2  # not "corrupt": the device is the problem
+    assert says in capsys.readouterr().err
+
+
+def test_output_paths_are_checked_before_training(tmp_path, capsys, monkeypatch):
+    from noprop import training
+
+    monkeypatch.setattr(training, "train_step", lambda *a, **k: pytest.fail("trained before checking the paths"))
+    assert main(["train", *TINY, "--checkpoint", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main(["train", *TINY, "--checkpoint", str(tmp_path / "afile" / "x.pt")]) == 2
+    assert "cannot create its folder" in capsys.readouterr().err
+    assert main(["train", *TINY, "--checkpoint", str(tmp_path / "c.pt"), "--metrics", str(tmp_path / "afile" / "m")]) == 2
+    assert "metrics file" in capsys.readouterr().err
+
+
+def test_resume_with_other_settings_says_which(tmp_path, capsys):
+    ck = tmp_path / "run.pt"
+    assert main(["train", *TINY, "--checkpoint", str(ck)]) == 0
+    capsys.readouterr()
+    more = [*TINY, "--checkpoint", str(ck), "--resume"]
+    more[more.index("--epochs") + 1] = "2"
+    other = list(more)
+    other[other.index("-T") + 1] = "3"
+    assert main(["train", *other, "--lr", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "T 2 (now 3)" in err and "lr 0.001 (now 0.5)" in err and len(err.strip().splitlines()) == 1
+    assert main(["train", *more, "--method", "backprop"]) == 2
+    assert "method 'dt' (now 'backprop')" in capsys.readouterr().err
+    assert main(["train", *more, "--eval-runs", "2"]) == 0  # evaluation settings may change
+
+
+def test_a_forced_backend_that_cannot_run_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NOPROP_BACKEND", "cuda")
+    assert main(["train", *TINY, "--checkpoint", str(tmp_path / "c.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "cuda" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_interrupt_says_whether_this_run_left_a_checkpoint(tmp_path, capsys, monkeypatch):
+    from noprop import training
+
+    ck = tmp_path / "run.pt"
+    real_step, calls = training.train_step, []
+
+    def step_then_interrupt(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # epoch 1 has 2 batches of 32: the third step is in epoch 2
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(training, "train_step", step_then_interrupt)
+    two = [*TINY, "--checkpoint", str(ck)]
+    two[two.index("--epochs") + 1] = "2"
+    assert main(["train", *two]) == 130
+    assert f"checkpoint {ck} of the last completed epoch is intact" in capsys.readouterr().err
+    calls.clear()
+    calls.extend([1, 1])  # the next step interrupts: before the first epoch of a new run ends
+    assert main(["train", *two]) == 130
+    assert f"this run wrote no checkpoint; {ck} is from an earlier run" in capsys.readouterr().err

@@ -111,7 +111,7 @@ def test_capturable_optimizers_need_cuda_and_survive_a_checkpoint_round_trip():
 @pytest.mark.skipif(not NO_CUDA, reason="checks the error on a machine without CUDA")
 def test_fit_with_cuda_graph_and_no_cuda_raises_before_training():
     split = synthetic(image_shape=(1, 8, 8), num_classes=3, train_size=32, test_size=16)
-    with pytest.raises(ValueError, match="no CUDA device is visible"):
+    with pytest.raises(ValueError, match="no CUDA device visible to torch"):
         fit(TrainConfig(T=2, epochs=1, cuda_graph=True, device="cuda"), split, progress=False, log=lambda *_: None)
 
 
