@@ -635,7 +635,8 @@ def main_args(args) -> int:
     write_outputs(records, json_path, csv_path)
     r0 = records[0]
     print(f"\n{r0['device_name']} | torch {r0['torch']} | {opts['threads']} threads | batch {opts['batch']} | "
-          f"T {opts['T']} | commit {r0['commit']}{' (dirty)' if r0['dirty'] else ''}")
+          f"T {opts['T']} | commit {r0['commit'] or 'unknown (not run from a git checkout)'}"
+          f"{' (dirty)' if r0['dirty'] else ''}")
     print(table(records))
     for line in execution_verdict(records):
         print("execution: " + line)

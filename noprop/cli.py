@@ -71,8 +71,17 @@ def _add_train_args(p):
     p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed")
 
 
+def _version() -> str:
+    import torch
+
+    from noprop import __version__
+
+    return f"noprop {__version__} (torch {torch.__version__}, CUDA {torch.version.cuda or 'none'})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="noprop", description="NoProp training engine (Li, Teh, Pascanu 2025)")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train NoProp-DT (default) or a backprop baseline",

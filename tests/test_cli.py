@@ -140,3 +140,12 @@ def test_interrupt_says_whether_this_run_left_a_checkpoint(tmp_path, capsys, mon
     calls.extend([1, 1])  # the next step interrupts: before the first epoch of a new run ends
     assert main(["train", *two]) == 130
     assert f"this run wrote no checkpoint; {ck} is from an earlier run" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import noprop
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"noprop {noprop.__version__} (torch ")
