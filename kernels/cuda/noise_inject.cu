@@ -3,9 +3,10 @@
 // Noise: z [K, B, d] is K·B rows of d columns, each row Q = ceil(d/4) quads; ε[k, b, j] is lane
 // j % 4 of philox_normal4(seed, (k·B + b)·Q + j / 4) (philox.cuh), so no noise is stored.
 // Forward: one thread per (b, quad), looping over the blocks k (one Philox call for four columns;
-// 4-wide vector loads/stores when d % 4 == 0 and W is aligned, masked scalar ones otherwise). Backward: one warp per row (k, b) for
-// the coefficient gradients (lanes over quads, ε regenerated the same way), and one thread per
-// (b, j) summing over k for dW, added into row y_b with float32 atomics (then cast to W's dtype).
+// 4-wide vector loads/stores when d % 4 == 0 and W is aligned, masked scalar ones otherwise).
+// Backward: one warp per row (k, b) for the coefficient gradients (lanes over quads, ε regenerated
+// the same way), and one thread per (b, j) summing over k for dW, added into row y_b with float32
+// atomics (then cast to W's dtype).
 #include "common.cuh"
 #include "ops.h"
 
