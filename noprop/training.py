@@ -53,6 +53,29 @@ SCHEDULES = ("all-blocks", "parallel", "chunked", "lean", "sequential")
 
 @dataclass
 class TrainConfig:
+    """Everything `fit` needs to build, train and evaluate one model. `noprop train` sets the fields
+    its flags name (--mode sets `schedule`, -T/--blocks sets `T`). Validated on creation
+    (ValueError); fields left at None get their per-method value from METHOD_DEFAULTS.
+
+    Model: `method` (METHODS: dt, backprop, cnn, ct, fm); `embedding` (onehot, learned, prototype)
+    with `embed_dim` = d for a learned one; `T` blocks; `eta`, the weight of the denoising loss
+    (dt 0.1, ct 1.0); `max_alpha_bar` = ᾱ_T, the top of the cosine schedule.
+    Updates: `schedule` (SCHEDULES; see the module docstring) with `chunk_size` blocks per chunk
+    when chunked; `execution` (auto, loop, vmap, threads: how a step's blocks run, noprop.engine);
+    `cuda_graph` (replay dt parallel/all-blocks or backprop steps as one CUDA graph).
+    Optimisation: `epochs` (dt, backprop, cnn 15; ct 40; fm 30), minibatches of `batch_size`
+    images [B, C, H, W], AdamW with `lr` and `weight_decay`, `shared_lr_scale` for the shared head
+    and embedding (None: T when every block trains on every minibatch, else 1; see
+    `effective_shared_lr_scale`), `augment_shift` (random translation by up to this many pixels,
+    0 = none), `seed`.
+    Evaluation: `eval_runs` stochastic chains averaged per test image, or the noise-free
+    `mean_chain`; ct/fm: `inference_steps` for the last epoch and `noprop eval`, `eval_steps` for the
+    cheaper per-epoch evaluation before it (20 by default).
+    Where: `device` (a torch device string), `data` (a noprop.data source such as mnist5k or
+    synthetic:C,H,W,...) and `data_dir`; `extra`, a free-form dict noprop does not read, saved
+    with the config in each checkpoint.
+    """
+
     method: str = "dt"
     schedule: str = "all-blocks"
     embedding: str = "onehot"

@@ -68,6 +68,16 @@ def test_cnn_reference_shapes():
     assert CNNClassifier((3, 32, 32), 100)(torch.randn(2, 3, 32, 32)).shape == (2, 100)
 
 
+def test_baselines_check_runs_and_the_message_names_the_cli_flag():
+    emb = make_embedding("onehot", 10)
+    x = torch.randn(2, 1, 28, 28)
+    backprop = BackpropDT(dt_block_factory((1, 28, 28), 10, emb), emb, num_blocks=2).eval()
+    assert backprop.predict_proba(x, runs=2).shape == (2, 10) and backprop.predict(x).shape == (2,)
+    for model in (backprop, CNNClassifier((1, 28, 28), 10).eval()):
+        with pytest.raises(ValueError, match=r"runs must be >= 1, got 0 .*--eval-runs"):
+            model.predict(x, runs=0)
+
+
 class WrongShape(nn.Module):
     def __init__(self):
         super().__init__()

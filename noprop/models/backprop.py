@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from noprop.embeddings import ClassEmbedding
-from noprop.models.inputs import check_images
+from noprop.models.inputs import check_images, check_runs
 
 
 class BackpropDT(nn.Module):
@@ -38,9 +38,15 @@ class BackpropDT(nn.Module):
 
     @property
     def num_classes(self) -> int:
+        """m, the number of classes (rows of the embedding W [m, d])."""
         return self.embedding.num_classes
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x [B, ...] -> logits [B, m] of head(z_T).
+
+        z_0 [B, d] ~ N(0, I) (from `generator` when given), then for t = 1..T
+        z_t = (1 − a_t)·z_{t−1} + a_t·softmax(block_t(x, z_{t−1}))·W, a_t = tanh(w_t): differentiable
+        end to end, so backprop trains every block through the chain. Never sees a label."""
         check_images(x, self.input_shape)
         W = self.embedding.weight
         z = torch.randn(x.shape[0], W.shape[1], device=x.device, dtype=W.dtype, generator=generator)
@@ -50,12 +56,20 @@ class BackpropDT(nn.Module):
             z = (1 - mix[t]) * z + mix[t] * u_hat
         return self.head(z)
 
-    def loss(self, x, y):
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The scalar training objective: mean cross-entropy of forward(x) [B, m] against labels y [B]
+        (class indices); one backward reaches every block, the mixing weights w, the head and a learned embedding."""
         return F.cross_entropy(self(x), y)
 
     @torch.no_grad()
-    def predict_proba(self, x, runs: int = 1, generator=None, **_):
+    def predict_proba(self, x: torch.Tensor, runs: int = 1, generator: torch.Generator | None = None,
+                      **_) -> torch.Tensor:
+        """Class probabilities [B, m] for images x [B, ...]: softmax(forward(x)), averaged over `runs`
+        draws of z_0 (runs >= 1). Other keywords (mean_chain, steps) are accepted and ignored, so one
+        call serves every model in `noprop.training.evaluate`."""
+        check_runs(runs)
         return sum(torch.softmax(self(x, generator), -1) for _ in range(runs)) / runs
 
-    def predict(self, x, **kwargs):
+    def predict(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Predicted classes [B] (int64): the argmax of `predict_proba(x, **kwargs)` [B, m]."""
         return self.predict_proba(x, **kwargs).argmax(-1)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from noprop.models.dropout import Dropout
-from noprop.models.inputs import check_images
+from noprop.models.inputs import check_images, check_runs
 
 
 class ConvBranch(nn.Module):
@@ -76,12 +76,15 @@ class DTBlock(nn.Module):
         )
 
     def features(self, x):
+        """Image branch only: x [B, C, H, W] -> features [B, width] (no z: shared by a whole chain)."""
         return self.image(x)
 
     def from_features(self, feats, z):
+        """feats [B, width] (from `features`) and z [B, d] -> logits [B, m]."""
         return self.fuse(torch.cat([feats, self.label(z)], dim=1))
 
     def forward(self, x, z):
+        """x [B, C, H, W], z [B, d] -> logits [B, m]."""
         return self.from_features(self.features(x), z)
 
 
@@ -106,15 +109,21 @@ class CNNClassifier(nn.Module):
         self.out = nn.Sequential(nn.ReLU(), nn.Linear(width, num_classes))
 
     def forward(self, x):
+        """x [B, C, H, W] -> logits [B, m]."""
         check_images(x, self.input_shape)
         return self.out(self.image(x))
 
     def loss(self, x, y):
+        """Mean cross-entropy of forward(x) [B, m] against labels y [B] (class indices): a scalar."""
         return nn.functional.cross_entropy(self(x), y)
 
     @torch.no_grad()
-    def predict_proba(self, x, **_):
+    def predict_proba(self, x, runs: int = 1, **_):
+        """Class probabilities [B, m] = softmax(forward(x)). Deterministic, so `runs` (checked, >= 1)
+        and other inference keywords are accepted and ignored."""
+        check_runs(runs)
         return torch.softmax(self(x), -1)
 
     def predict(self, x, **kwargs):
+        """Predicted classes [B] (int64): the argmax of `predict_proba` [B, m]."""
         return self.predict_proba(x, **kwargs).argmax(-1)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from noprop.embeddings import ClassEmbedding
-from noprop.models.inputs import check_images
+from noprop.models.inputs import check_images, check_runs
 from noprop.ops import denoise_step, local_loss, new_seed, noise_inject
 from noprop.schedule import CTSchedule
 
@@ -99,8 +99,7 @@ class _Continuous(nn.Module):
         return self.predict_proba(x, **kwargs).argmax(dim=-1)
 
     def _prepare(self, x, steps, runs):
-        if runs < 1:
-            raise ValueError(f"runs must be >= 1, got {runs}")
+        check_runs(runs)
         check_images(x, self.input_shape)
         return self._check_steps(self.inference_steps if steps is None else steps)
 

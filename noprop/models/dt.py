@@ -17,7 +17,7 @@ from torch import nn
 from noprop import engine
 from noprop.embeddings import ClassEmbedding
 from noprop.models.dropout import Dropout, block_key, keyed_masks
-from noprop.models.inputs import check_images
+from noprop.models.inputs import check_images, check_runs
 from noprop.ops import denoise_step, local_loss, new_seed, noise_inject
 from noprop.profile import stage
 from noprop.schedule import DTSchedule
@@ -110,10 +110,12 @@ class NoPropDT(nn.Module):
 
     @property
     def T(self) -> int:
+        """Number of blocks = diffusion steps; block t (1-based) denoises z_{t-1} towards z_t."""
         return len(self.blocks)
 
     @property
     def num_classes(self) -> int:
+        """m, the number of classes: rows of the embedding W [m, d] and outputs of each block and the head."""
         return self.embedding.num_classes
 
     def block_logits(self, t: int, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -217,8 +219,7 @@ class NoPropDT(nn.Module):
         mean_chain drops the noise (√c_t = 0); runs > 1 averages the probabilities of several
         stochastic chains (the paper averages 5). Never sees a label.
         """
-        if runs < 1:
-            raise ValueError(f"runs must be >= 1, got {runs}")
+        check_runs(runs)
         check_images(x, self.input_shape)
         W = self.embedding.weight
         a, b, sqrt_c = self._abc

@@ -14,3 +14,13 @@ def check_images(x: torch.Tensor, input_shape: tuple[int, ...] | None) -> None:
         want = ", ".join(map(str, input_shape))
         raise ValueError(f"this model expects images of shape [B, {want}] (channels, height, width), "
                          f"got {list(x.shape)}")
+
+
+def check_runs(runs: int) -> None:
+    """Raise ValueError unless runs (stochastic inference chains averaged per image) is >= 1.
+
+    The message names both spellings: `runs=` of predict / predict_proba / training.evaluate, and
+    --eval-runs of `noprop train` / `noprop eval`, which passes it on."""
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs} (the number of stochastic inference chains averaged per "
+                         "image: runs= in Python, --eval-runs on the command line)")
