@@ -535,11 +535,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="synthetic",
                    help="data source (as for train): synthetic = MNIST-shaped 1x28x28, 10 classes; mnist5k; ...")
     p.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
-    p.add_argument("--batch", type=int, default=128, help="minibatch size B")
+    p.add_argument("--batch", "--batch-size", dest="batch", type=int, default=128, help="minibatch size B")
     p.add_argument("-T", "--blocks", dest="T", type=int, default=10, help="number of DT blocks")
     p.add_argument("--chunk-size", type=int, default=2, help="blocks per chunk in the chunked mode")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default: 5 on CPU, 20 on CUDA)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1 on CPU, 5 on CUDA)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps per repeat (default: %(default)s = 5 on CPU, 20 on CUDA; 2 with --quick)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps first (default: %(default)s = 1 on CPU, 5 on CUDA; 1 with --quick)")
     p.add_argument("--repeats", type=int, default=3, help="rounds over all configs (medians and spread over these)")
     p.add_argument("--modes", default=",".join(DT_MODES), help="comma-separated NoProp-DT modes")
     p.add_argument("--methods", default="dt,backprop,cnn", help="comma-separated: dt, backprop, cnn")
@@ -547,12 +549,18 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="how DT blocks run, comma-separated to compare: auto (the engine's per-device pick), loop, "
                         "vmap, threads (CPU, needs --threads >= 2); both = loop,vmap; all = every one the device runs")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (recorded; default: torch's own, one per core; 1 steadies timings on a busy "
-                        "shared machine but leaves the CPU's block threads nothing to share out)")
+                   help="torch threads, recorded with the results (1 steadies timings on a busy shared machine but "
+                        "leaves the CPU's block threads nothing to share out) (default: %(default)s = torch's own, "
+                        "one per core)")
+    # Neither flag given: isolate is None and options() isolates on CPU unless --quick. --no-isolate's
+    # default is SUPPRESS so that the help does not print store_false's default (True) as if it applied.
     p.add_argument("--isolate", dest="isolate", action="store_true", default=None,
-                   help="run each config in a fresh subprocess (default on CPU, so peak RSS is its own)")
-    p.add_argument("--no-isolate", dest="isolate", action="store_false", help="run every config in this process")
-    p.add_argument("--case-timeout", type=float, default=None, help="seconds before an isolated config is abandoned")
+                   help="run each config in a fresh subprocess, so its peak RSS is its own (default: %(default)s = "
+                        "neither flag: isolated on CPU except with --quick, in-process on CUDA)")
+    p.add_argument("--no-isolate", dest="isolate", action="store_false", default=argparse.SUPPRESS,
+                   help="run every config in this process (peak RSS then includes earlier configs)")
+    p.add_argument("--case-timeout", type=float, default=None,
+                   help="seconds before an isolated config is abandoned (default: %(default)s = no limit)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="also run the dt parallel step and the backprop step captured as CUDA graphs and replayed "
                         "(labels 'dt parallel+graph', 'backprop+graph'; the dt graph rows are compared with "

@@ -16,13 +16,13 @@ DEFAULTS = TrainConfig()
 
 def _add_data_args(p):
     p.add_argument("--data", default="mnist5k",
-                   help="data source: mnist5k (embedded 4k/1k MNIST subset, default) or synthetic[:C,H,W[,classes[,N]]]")
+                   help="data source: mnist5k (embedded 4k/1k MNIST subset) or synthetic[:C,H,W[,classes[,N]]]")
     p.add_argument("--data-dir", default=None,
                    help="directory with MNIST IDX files or CIFAR-10/100 python batches (torchvision layout)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's, one per core); on CPU the blocks' threads share "
-                        "them out (execution threads/auto)")
+                   help="torch intra-op threads; on CPU the blocks' threads share them out (execution threads/auto) "
+                        "(default: %(default)s = torch's own, one per core)")
 
 
 def _add_train_args(p):
@@ -48,17 +48,19 @@ def _add_train_args(p):
     p.add_argument("--embed-dim", type=int, default=DEFAULTS.embed_dim, help="dimension d of a learned embedding")
     p.add_argument("-T", "--blocks", dest="T", type=int, default=DEFAULTS.T, help="number of blocks / diffusion steps")
     p.add_argument("--eta", type=float, default=None,
-                   help="weight η of the denoising loss (default: 0.1 for dt, 1.0 for ct, as in the paper)")
+                   help="weight η of the denoising loss (default: %(default)s = per method: 0.1 for dt, 1.0 for ct, "
+                        "as in the paper)")
     p.add_argument("--max-alpha-bar", type=float, default=DEFAULTS.max_alpha_bar,
                    help="ᾱ_T, the top of the cosine schedule (caps SNR(T))")
     p.add_argument("--epochs", type=int, default=None,
-                   help="passes over the training data (default: per method, dt 15, ct/fm see METHOD_DEFAULTS "
-                        "in noprop/training.py)")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="minibatch size")
+                   help="passes over the training data (default: %(default)s = per method: dt, backprop and cnn 15, "
+                        "ct 40, fm 30; METHOD_DEFAULTS in noprop/training.py)")
+    p.add_argument("--batch-size", "--batch", type=int, default=DEFAULTS.batch_size, help="minibatch size")
     p.add_argument("--lr", type=float, default=DEFAULTS.lr, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="AdamW weight decay")
     p.add_argument("--shared-lr-scale", type=float, default=None,
-                   help="learning-rate factor of the shared head and embedding (default: T for all-blocks, else 1)")
+                   help="learning-rate factor of the shared head and embedding (default: %(default)s = T when every "
+                        "block trains on every minibatch (dt all-blocks/parallel/chunked/lean), else 1)")
     p.add_argument("--eval-runs", type=int, default=DEFAULTS.eval_runs,
                    help="stochastic inference chains averaged per test image")
     p.add_argument("--mean-chain", action="store_true", help="evaluate with the noise-free mean chain")
@@ -67,7 +69,7 @@ def _add_train_args(p):
                         "evaluation and stored for noprop eval")
     p.add_argument("--eval-steps", type=int, default=None,
                    help="ct/fm: steps of the cheaper chain used by the per-epoch evaluation before the last "
-                        "epoch (default: 20)")
+                        "epoch (default: %(default)s = 20 for ct and fm)")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed")
 
 
@@ -100,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-runs", type=int, default=1, help="stochastic inference chains averaged per image")
     p.add_argument("--mean-chain", action="store_true", help="use the noise-free mean chain")
     p.add_argument("--inference-steps", type=int, default=None,
-                   help="ct/fm: steps of the inference chain (default: the checkpoint's, 1000 unless trained "
-                        "with another --inference-steps)")
+                   help="ct/fm: steps of the inference chain (default: %(default)s = the checkpoint's, 1000 unless "
+                        "trained with another --inference-steps)")
     p.add_argument("--seed", type=int, default=0, help="seed of the inference noise")
 
     sub.add_parser("info", help="which op backends can run here, and why not")

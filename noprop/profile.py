@@ -28,6 +28,8 @@ from noprop.atomic import write_text_atomically
 from noprop.devices import usable_device
 
 STAGES = ("noprop.noise", "noprop.block_forward", "noprop.local_loss", "noprop.backward", "noprop.optimizer")
+# --mode: bench's DT modes plus train's all-blocks, another name for parallel (noprop/training.py).
+MODES = ("parallel", "all-blocks", "chunked", "lean", "sequential")
 _nvtx = os.environ.get("NOPROP_NVTX", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
@@ -74,17 +76,19 @@ def stage(name: str):
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("dt", "backprop", "cnn"), default="dt", help="what to train")
-    p.add_argument("--mode", default="parallel", choices=("parallel", "chunked", "lean", "sequential"),
-                   help="NoProp-DT training mode (sequential: one step = T single-block updates)")
+    p.add_argument("--mode", default="parallel", choices=MODES,
+                   help="NoProp-DT training mode, as for train (all-blocks = parallel; sequential: one step = T "
+                        "single-block updates)")
     p.add_argument("--execution", choices=("auto", "loop", "vmap", "threads"), default="auto", help="how DT blocks run")
     p.add_argument("--steps", type=int, default=3, help="profiled training steps")
     p.add_argument("--warmup", type=int, default=1, help="unprofiled steps first")
-    p.add_argument("--batch", type=int, default=128, help="minibatch size")
+    p.add_argument("--batch", "--batch-size", dest="batch", type=int, default=128, help="minibatch size")
     p.add_argument("-T", "--blocks", dest="T", type=int, default=10, help="number of DT blocks")
     p.add_argument("--chunk-size", type=int, default=2, help="blocks per chunk in the chunked mode")
-    p.add_argument("--data", default="synthetic", help="data source (default: synthetic MNIST-shaped)")
+    p.add_argument("--data", default="synthetic", help="data source, as for train (synthetic: MNIST-shaped)")
     p.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core; >= 2 lets a CPU step run its blocks on threads)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads; >= 2 lets a CPU step run its blocks on threads "
+                        "(default: %(default)s = torch's own, one per core)")
     p.add_argument("--out", default="runs/profile", help="directory for trace.json and table.txt")
     p.add_argument("--nvtx", action="store_true", help="also emit NVTX ranges for the stages (for Nsight)")
     p.add_argument("--row-limit", type=int, default=25, help="rows of the per-op table")
@@ -122,7 +126,8 @@ def main_args(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     enable_nvtx(args.nvtx)
-    case = Case(args.method, args.mode if args.method == "dt" else "end-to-end", args.execution)
+    mode = "parallel" if args.mode == "all-blocks" else args.mode  # train's name for the same update
+    case = Case(args.method, mode if args.method == "dt" else "end-to-end", args.execution)
     _, _, train_once = training_step_fn(case, args.data, args.batch, args.T, args.chunk_size, device)
 
     def step():

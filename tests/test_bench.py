@@ -124,6 +124,12 @@ def test_profile_writes_trace_and_prints_table(tmp_path, capsys):
     assert "Self CPU" in text and "CPU Mem" in text  # key_averages table with memory columns
 
 
+def test_profile_takes_trains_all_blocks_mode_as_parallel(tmp_path, capsys):
+    assert main(["profile", "--mode", "all-blocks", "--steps", "1", "--warmup", "0", "-T", "2", "--batch-size", "8",
+                 "--out", str(tmp_path / "prof")]) == 0
+    assert "noprop profile: dt parallel |" in capsys.readouterr().out
+
+
 def test_profile_sees_the_block_threads(tmp_path, capsys, torch_threads):
     """torch's profiler is per thread: the threaded execution's work is only in the trace because
     `noprop profile` turns on Kineto's all-threads mode (and then still marks the stages)."""

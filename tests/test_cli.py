@@ -20,6 +20,41 @@ def test_every_command_and_option_has_help(capsys):
             assert action.help, f"noprop {name} {action.option_strings or action.dest} has no help text"
 
 
+def _subparsers():
+    parser = build_parser()
+    return next(a for a in parser._actions if a.dest == "command").choices
+
+
+def test_help_prints_each_default_once(monkeypatch, capsys):
+    """ArgumentDefaultsHelpFormatter appends "(default: X)": a help text must not say it again.
+    Options whose default is computed say so inside that one parenthesis ("default: None = ...")."""
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option's help
+    for name, p in _subparsers().items():
+        text = p.format_help()
+        for line in text.splitlines():
+            assert line.count("(default:") <= 1, f"noprop {name} --help: {line.strip()}"
+        assert "(default: True)" not in text, f"noprop {name} --help shows a store_false flag's default"
+    bench_help = _subparsers()["bench"].format_help()
+    no_isolate = next(line for line in bench_help.splitlines() if line.strip().startswith("--no-isolate"))
+    assert "(default:" not in no_isolate
+    assert "isolated on CPU except with --quick" in bench_help
+
+
+@pytest.mark.parametrize("command,flag,dest", [("train", "--batch", "batch_size"), ("train", "--batch-size", "batch_size"),
+                                               ("bench", "--batch", "batch"), ("bench", "--batch-size", "batch"),
+                                               ("profile", "--batch", "batch"), ("profile", "--batch-size", "batch")])
+def test_batch_and_batch_size_are_one_option_everywhere(command, flag, dest):
+    args = build_parser().parse_args([command, flag, "24"])
+    assert getattr(args, dest) == 24
+
+
+def test_bench_isolation_flags():
+    parse = build_parser().parse_args
+    assert parse(["bench"]).isolate is None  # decided in bench.options: on CPU unless --quick
+    assert parse(["bench", "--isolate"]).isolate is True
+    assert parse(["bench", "--no-isolate"]).isolate is False
+
+
 def test_train_writes_metrics_and_checkpoint_then_eval_and_resume(tmp_path, capsys):
     ck, metrics = tmp_path / "run.pt", tmp_path / "m.jsonl"
     assert main(["train", *TINY, "--checkpoint", str(ck), "--metrics", str(metrics)]) == 0
@@ -31,6 +66,8 @@ def test_train_writes_metrics_and_checkpoint_then_eval_and_resume(tmp_path, caps
     assert main(["eval", str(ck)]) == 0
     out = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(out)["test_acc"] == pytest.approx(rows[0]["test_acc"])
+    assert main(["eval", str(ck), "--eval-runs", "0"]) == 2
+    assert "runs must be >= 1, got 0" in (err := capsys.readouterr().err) and "--eval-runs" in err
     resume = ["train", *TINY, "--checkpoint", str(ck), "--metrics", str(metrics), "--resume"]
     resume[resume.index("--epochs") + 1] = "2"
     assert main(resume) == 0
@@ -38,8 +75,10 @@ def test_train_writes_metrics_and_checkpoint_then_eval_and_resume(tmp_path, caps
     assert [r["epoch"] for r in rows] == [1, 2]
 
 
-def test_backprop_method_runs(tmp_path):
+def test_backprop_method_runs(tmp_path, capsys):
     assert main(["train", *TINY, "--method", "backprop", "--checkpoint", str(tmp_path / "b.pt")]) == 0
+    assert main(["eval", str(tmp_path / "b.pt"), "--eval-runs", "0"]) == 2  # not a ZeroDivisionError
+    assert "--eval-runs" in capsys.readouterr().err
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):
