@@ -51,6 +51,11 @@ METHOD_DEFAULTS = {"dt": {"epochs": 15, "eta": 0.1, "eval_steps": None},
 SCHEDULES = ("all-blocks", "parallel", "chunked", "lean", "sequential")
 
 
+def _flag(field_name: str) -> str:
+    """The `noprop train` option of a TrainConfig field."""
+    return "-T" if field_name == "T" else "--" + field_name.replace("_", "-")
+
+
 @dataclass
 class TrainConfig:
     """Everything `fit` needs to build, train and evaluate one model. `noprop train` sets the fields
@@ -110,15 +115,15 @@ class TrainConfig:
                 setattr(self, name, default)
         for name in ("inference_steps",) + (("eval_steps",) if self.eval_steps is not None else ()):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)} ({_flag(name)} on the command line)")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         for name in ("T", "epochs", "batch_size", "eval_runs", "embed_dim", "chunk_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)} ({_flag(name)} on the command line)")
         for name in ("lr", "eta"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)} ({_flag(name)} on the command line)")
         if self.execution == "threads" and str(self.device).split(":")[0] != "cpu":
             raise ValueError(f"execution 'threads' runs blocks on CPU threads, but device is {self.device!r}: "
                              "on CUDA use execution 'auto' or 'vmap' (and --cuda-graph for the parallel step)")
