@@ -543,7 +543,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps first (default: %(default)s = 1 on CPU, 5 on CUDA; 1 with --quick)")
     p.add_argument("--repeats", type=int, default=3, help="rounds over all configs (medians and spread over these)")
-    p.add_argument("--modes", default=",".join(DT_MODES), help="comma-separated NoProp-DT modes")
+    p.add_argument("--modes", default=",".join(DT_MODES),
+                   help="comma-separated NoProp-DT modes (all-blocks, train's name, = parallel)")
     p.add_argument("--methods", default="dt,backprop,cnn", help="comma-separated: dt, backprop, cnn")
     p.add_argument("--execution", default="auto",
                    help="how DT blocks run, comma-separated to compare: auto (the engine's per-device pick), loop, "
@@ -591,13 +592,15 @@ def options(args) -> tuple[dict, list, list, list]:
         if opts[name] < 1:
             raise ValueError(f"{name} must be >= 1, got {opts[name]}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    # train's "all-blocks" is another name for the parallel update; duplicates are measured once
+    modes = list(dict.fromkeys("parallel" if m.strip() == "all-blocks" else m.strip()
+                               for m in args.modes.split(",") if m.strip()))
     for m in methods:
         if m not in ("dt",) + BASELINES:
             raise ValueError(f"--methods: unknown method {m!r} (dt, backprop, cnn)")
     for m in modes:
         if m not in DT_MODES:
-            raise ValueError(f"--modes: unknown mode {m!r} ({', '.join(DT_MODES)})")
+            raise ValueError(f"--modes: unknown mode {m!r} ({', '.join(DT_MODES)}, or all-blocks = parallel)")
     executions = _executions(args.execution, device, threads)
     if args.cuda_graph and ("dt" not in methods or "parallel" not in modes):
         raise ValueError("--cuda-graph captures the dt parallel step: --methods must include dt and --modes parallel")

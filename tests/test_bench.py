@@ -196,3 +196,13 @@ def test_gpu_check_without_gpu_skips_gpu_steps_and_honours_the_budget(tmp_path):
     took = int(re.search(r"done in (\d+)s", proc.stdout).group(1))
     assert took <= 12 + 25 + 15  # budget + the plots/summary reserve + a step's kill grace
     assert proc.returncode == 1
+
+
+def test_modes_accept_trains_all_blocks_name_for_parallel(capsys):
+    from noprop.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--quick", "--modes", "all-blocks,lean,parallel"])
+    _, _, modes, _ = bench.options(args)
+    assert modes == ["parallel", "lean"]  # one name for one update, measured once
+    assert main(["bench", "--quick", "--modes", "everything"]) == 2
+    assert "all-blocks = parallel" in capsys.readouterr().err
