@@ -575,6 +575,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def options(args) -> tuple[dict, list, list, list]:
+    from noprop.training import canonical_schedule
+
     device = usable_device(args.device)
     if args.cuda_graph and device.type != "cuda":
         raise ValueError(f"--cuda-graph: CUDA graphs need a CUDA device, got --device {args.device}")
@@ -593,8 +595,7 @@ def options(args) -> tuple[dict, list, list, list]:
             raise ValueError(f"{name} must be >= 1, got {opts[name]}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     # train's "all-blocks" is another name for the parallel update; duplicates are measured once
-    modes = list(dict.fromkeys("parallel" if m.strip() == "all-blocks" else m.strip()
-                               for m in args.modes.split(",") if m.strip()))
+    modes = list(dict.fromkeys(canonical_schedule(m.strip()) for m in args.modes.split(",") if m.strip()))
     for m in methods:
         if m not in ("dt",) + BASELINES:
             raise ValueError(f"--methods: unknown method {m!r} (dt, backprop, cnn)")

@@ -8,7 +8,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from noprop.devices import usable_device
+from noprop.devices import set_threads, usable_device
 from noprop.training import METHODS, SCHEDULES, TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -131,20 +131,11 @@ def _execution_note(cfg) -> str:
     return f", blocks: {pick}" + (f" on {torch.get_num_threads()} CPU threads" if pick == "threads" else "")
 
 
-def _set_threads(args) -> None:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
-
-
 def _train(args) -> int:
     from noprop.data import load
     from noprop.training import fit
 
-    _set_threads(args)
+    set_threads(args.threads)
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     cfg = TrainConfig(**values)
     usable_device(cfg.device)  # before the data loads: a missing GPU is the first thing said
@@ -165,7 +156,7 @@ def _eval(args) -> int:
     from noprop.data import load
     from noprop.training import evaluate, load_model
 
-    _set_threads(args)
+    set_threads(args.threads)
     model, cfg, _ = load_model(args.checkpoint, usable_device(args.device))
     split = load(cfg.data, args.data_dir or cfg.data_dir, cfg.seed)
     if args.inference_steps is not None and args.inference_steps < 1:

@@ -1,5 +1,5 @@
-"""Devices a command is asked to run on: checked up front, so a missing GPU is one clear sentence
-before any work starts, not a driver traceback from the middle of model.to(device)."""
+"""Devices (and CPU threads) a command is asked to run on: checked up front, so a missing GPU is one
+clear sentence before any work starts, not a driver traceback from the middle of model.to(device)."""
 from __future__ import annotations
 
 import torch
@@ -29,3 +29,12 @@ def usable_device(spec, flag: str = "--device") -> torch.device:
         return device
     raise ValueError(f"{flag} {spec}: noprop runs on cpu and cuda (and mps where torch has it), and this machine "
                      f"offers no {device.type} device; use --device cpu")
+
+
+def set_threads(threads: int | None, flag: str = "--threads") -> None:
+    """torch.set_num_threads(threads) after checking it is >= 1; None keeps torch's own count."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"{flag} must be >= 1, got {threads}")
+    torch.set_num_threads(threads)

@@ -68,9 +68,7 @@ def resolve(execution: str, blocks: Sequence[nn.Module], device: torch.device) -
         raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
     kind = torch.device(device).type
     if execution == "threads":
-        if kind != "cpu":
-            raise ValueError(f"execution 'threads' runs blocks on CPU threads, but the model is on {device}: "
-                             "on CUDA use 'vmap' (stacked) or 'auto', and --cuda-graph for the parallel step")
+        check_threads_device(device)
         return "threads" if len(blocks) > 1 and _threads_can_run() else "loop"
     if execution == "loop":
         return "loop"
@@ -82,6 +80,15 @@ def resolve(execution: str, blocks: Sequence[nn.Module], device: torch.device) -
             raise ValueError(f"cannot stack these blocks: {reason}")
         return "loop" if reason else "vmap"
     return "vmap" if reason is None and len(blocks) >= CUDA_VMAP_MIN_BLOCKS else "loop"  # auto on CUDA
+
+
+def check_threads_device(device) -> None:
+    """Raise ValueError unless `device` (a torch.device or a string such as "cuda:0") is a CPU: the
+    execution 'threads' runs blocks on CPU threads. Checked from the config's string, before a
+    device is built, as well as at each step."""
+    if str(device).split(":")[0] != "cpu":
+        raise ValueError(f"execution 'threads' runs blocks on CPU threads, but the device is {str(device)!r}: "
+                         "on CUDA use 'vmap' (stacked) or 'auto', and --cuda-graph for the parallel step")
 
 
 def resolve_identical(execution: str, num_blocks: int, device) -> str:

@@ -42,17 +42,17 @@ def _execution_pick(device: torch.device) -> str:
     """What noprop.engine's execution 'auto' does with identical blocks in a step on `device`."""
     from noprop import engine
 
-    if device.type == "cuda":  # stacking pays from CUDA_VMAP_MIN_BLOCKS blocks on (noprop.engine)
-        many = engine.CUDA_VMAP_MIN_BLOCKS
-        return (f"{engine.resolve_identical('auto', many, device)} (identical blocks stacked into one batched "
-                f"computation) for steps of >= {many} blocks, {engine.resolve_identical('auto', many - 1, device)} "
-                "for fewer")
-    pick = engine.resolve_identical("auto", 2, device)
     why = {"threads": f"groups of blocks on {torch.get_num_threads()} CPU threads at once",
            "loop": "one block after another: 1 torch thread, nothing to share out" if device.type == "cpu"
            else "one block after another",
-           "vmap": "identical blocks stacked into one batched computation"}[pick]
-    return f"{pick} ({why})"
+           "vmap": "identical blocks stacked into one batched computation"}
+    if device.type == "cuda":  # stacking pays from CUDA_VMAP_MIN_BLOCKS blocks on (noprop.engine)
+        many = engine.CUDA_VMAP_MIN_BLOCKS
+        stacked = engine.resolve_identical("auto", many, device)
+        return (f"{stacked} ({why[stacked]}) for steps of >= {many} blocks, "
+                f"{engine.resolve_identical('auto', many - 1, device)} for fewer")
+    pick = engine.resolve_identical("auto", 2, device)
+    return f"{pick} ({why[pick]})"
 
 
 def _requested() -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from noprop.atomic import write_text_atomically
-from noprop.devices import usable_device
+from noprop.devices import set_threads, usable_device
 
 STAGES = ("noprop.noise", "noprop.block_forward", "noprop.local_loss", "noprop.backward", "noprop.optimizer")
 # --mode: bench's DT modes plus train's all-blocks, another name for parallel (noprop/training.py).
@@ -119,14 +119,14 @@ def main_args(args) -> int:
     from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
 
     from noprop.bench import Case, _sync, training_step_fn
+    from noprop.training import canonical_schedule
 
     if args.steps < 1:
         raise ValueError(f"steps must be >= 1, got {args.steps}")
     device = usable_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     enable_nvtx(args.nvtx)
-    mode = "parallel" if args.mode == "all-blocks" else args.mode  # train's name for the same update
+    mode = canonical_schedule(args.mode)
     case = Case(args.method, mode if args.method == "dt" else "end-to-end", args.execution)
     _, _, train_once = training_step_fn(case, args.data, args.batch, args.T, args.chunk_size, device)
 

@@ -51,6 +51,12 @@ METHOD_DEFAULTS = {"dt": {"epochs": 15, "eta": 0.1, "eval_steps": None},
 SCHEDULES = ("all-blocks", "parallel", "chunked", "lean", "sequential")
 
 
+def canonical_schedule(name: str) -> str:
+    """`all-blocks` and `parallel` name the same update (every block on every minibatch, one step);
+    bench and profile call it `parallel`."""
+    return "parallel" if name == "all-blocks" else name
+
+
 def _flag(field_name: str) -> str:
     """The `noprop train` option of a TrainConfig field."""
     return "-T" if field_name == "T" else "--" + field_name.replace("_", "-")
@@ -124,9 +130,8 @@ class TrainConfig:
         for name in ("lr", "eta"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)} ({_flag(name)} on the command line)")
-        if self.execution == "threads" and str(self.device).split(":")[0] != "cpu":
-            raise ValueError(f"execution 'threads' runs blocks on CPU threads, but device is {self.device!r}: "
-                             "on CUDA use execution 'auto' or 'vmap' (and --cuda-graph for the parallel step)")
+        if self.execution == "threads":
+            engine.check_threads_device(self.device)
         if self.cuda_graph:
             if self.method not in graphs.METHODS or self.schedule not in graphs.SCHEDULES:
                 raise ValueError(f"cuda_graph: {graphs.WHY_ONLY_PARALLEL}; got method {self.method!r}, "
@@ -406,6 +411,12 @@ def _check_model_matches(model, cfg: TrainConfig) -> None:
         raise ValueError(f"fit: the model has {len(blocks)} blocks but cfg.T is {cfg.T}: set T={len(blocks)}")
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an error's message (load_state_dict's lists every missing key), or its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _check_resumable(state: dict, cfg: TrainConfig, path) -> None:
     saved = TrainConfig.from_dict(state.get("config", {})) if isinstance(state.get("config"), dict) else None
     if saved is None:
@@ -451,9 +462,8 @@ def fit(cfg: TrainConfig, split: Split, checkpoint_path=None, metrics_path=None,
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as exc:  # same config, other model: fit(model=...) with other blocks
-            first = str(exc).strip().splitlines()[0]
-            raise ckpt.CheckpointError(f"--resume: the model in {checkpoint_path} does not fit this one ({first})") \
-                from None
+            raise ckpt.CheckpointError(f"--resume: the model in {checkpoint_path} does not fit this one "
+                                       f"({_first_line(exc)})") from None
         opts.load_state_dict(state["optimizers"])
         history, start_epoch = state["history"], state["epoch"]
         torch.set_rng_state(state["rng"])
@@ -526,8 +536,7 @@ def load_model(path, device="cpu"):
         model = build_model(cfg, tuple(data["image_shape"]), data["num_classes"])
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ckpt.CheckpointError(
-            f"checkpoint {path} does not describe a model noprop can rebuild ({first}); a model of your own "
+            f"checkpoint {path} does not describe a model noprop can rebuild ({_first_line(exc)}); a model of your own "
             "blocks: build it again, then model.load_state_dict(noprop.checkpoint.load(path)['model'])") from exc
     return model.to(device), cfg, state
