@@ -55,11 +55,12 @@ from pathlib import Path
 
 import torch
 
+from noprop import engine
 from noprop.atomic import write_text_atomically
 from noprop.devices import usable_device
 
 DT_MODES = ("parallel", "chunked", "lean", "sequential")
-EXECUTIONS = ("loop", "vmap", "threads")  # measurable executions (noprop.engine); "auto" picks one
+EXECUTIONS = tuple(e for e in engine.EXECUTIONS if e != "auto")  # measurable ones; "auto" picks one of them
 BASELINES = ("backprop", "cnn")
 REQUIRED_KEYS = ("method", "mode", "device", "batch", "samples_per_s", "ms_per_step", "peak_mem_mb")
 CSV_COLUMNS = ("method", "mode", "execution", "execution_used", "cuda_graph", "device", "device_name", "batch", "T",
@@ -283,7 +284,6 @@ def measure(case: Case, opts: dict, saved: bool = True) -> dict:
         with meter.hooks():
             step()
         out["saved_mb"] = meter.peak / 2**20
-    from noprop import engine
     if is_dt:
         k = {"parallel": model.T, "chunked": cfg.chunk_size, "lean": 1, "sequential": 1}[case.mode]
         out["execution_used"] = engine.resolve(model.execution, list(model.blocks)[:max(1, min(k, model.T))], device)
@@ -616,8 +616,8 @@ def _executions(spec: str, device: torch.device, threads: int) -> list[str]:
         for ex in aliases.get(name, [name]):
             if ex not in ("auto",) + EXECUTIONS:
                 raise ValueError(f"--execution: unknown execution {ex!r} (auto, {', '.join(EXECUTIONS)}, both, all)")
-            if ex == "threads" and device.type != "cpu":
-                raise ValueError(f"--execution threads runs blocks on CPU threads; --device is {device}")
+            if ex == "threads":
+                engine.check_threads_device(device)
             if ex == "threads" and threads < 2 and name != "all":
                 raise ValueError("--execution threads shares torch's threads out between blocks: it needs --threads >= 2 "
                                  "(with one thread it would be loop)")

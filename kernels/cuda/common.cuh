@@ -85,18 +85,38 @@ __device__ __forceinline__ int64_t safe_label(const L* y, int64_t b, int64_t m) 
   return c < 0 ? 0 : (c >= m ? m - 1 : c);
 }
 
-template <typename A>  // float, or double for sums that must beat float32 reductions (see noise_inject.cu)
-__device__ __forceinline__ A warp_sum(A v) {
+// Reductions over aligned groups of Width lanes (Width a power of two <= 32; xor offsets below Width
+// stay inside a group), every lane of the group getting the result. All 32 lanes must call them
+// (full-mask shuffles). Width = kWarp reduces the whole warp (warp_sum, warp_max).
+template <int Width, typename A>  // A: float, or double for sums that must beat float32 reductions
+__device__ __forceinline__ A group_sum(A v) {
 #pragma unroll
-  for (int s = kWarp / 2; s > 0; s >>= 1) v += __shfl_xor_sync(kFullMask, v, s);
+  for (int s = Width / 2; s > 0; s >>= 1) v += __shfl_xor_sync(kFullMask, v, s);
   return v;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
+template <int Width>
+__device__ __forceinline__ float group_max(float v) {
 #pragma unroll
-  for (int s = kWarp / 2; s > 0; s >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, s));
+  for (int s = Width / 2; s > 0; s >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, s));
   return v;
 }
+
+// (best, arg) of the group: the largest value, the smallest index on ties.
+template <int Width>
+__device__ __forceinline__ void group_argmax(float& best, int64_t& arg) {
+#pragma unroll
+  for (int s = Width / 2; s > 0; s >>= 1) {
+    const float ob = __shfl_xor_sync(kFullMask, best, s);
+    const int64_t oa = __shfl_xor_sync(kFullMask, arg, s);
+    if (ob > best || (ob == best && oa < arg)) { best = ob; arg = oa; }
+  }
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) { return group_sum<kWarp>(v); }
+
+__device__ __forceinline__ float warp_max(float v) { return group_max<kWarp>(v); }
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
@@ -156,12 +176,7 @@ __device__ __forceinline__ int64_t warp_argmax_smem(const float* p, int64_t m, i
   for (int64_t c = lane; c < m; c += kWarp) {
     if (p[c] > best) { best = p[c]; arg = c; }
   }
-#pragma unroll
-  for (int off = kWarp / 2; off > 0; off /= 2) {
-    const float ob = __shfl_xor_sync(0xffffffffu, best, off);
-    const int64_t oa = __shfl_xor_sync(0xffffffffu, arg, off);
-    if (ob > best || (ob == best && oa < arg)) { best = ob; arg = oa; }
-  }
+  group_argmax<kWarp>(best, arg);
   return arg < m ? arg : 0;  // a row of NaNs has no maximum: any pivot gives the same NaNs
 }
 

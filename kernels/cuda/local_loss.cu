@@ -114,22 +114,14 @@ constexpr int64_t kTiledMaxClasses = 256;  // p' then needs 32 KB of shared memo
 
 constexpr int kRowLanes = kWarp / kRowsPerWarp;  // 8 lanes per row in the tiled kernel's row phase
 
-// Sum / max / argmax over the 8 lanes of a row group (xor offsets < 8 stay inside the group). Every
-// lane of the warp must call these (full-mask shuffles), dead rows included.
-template <typename F>
-__device__ __forceinline__ float row_reduce(float v, F op) {
-#pragma unroll
-  for (int off = kRowLanes / 2; off > 0; off /= 2) v = op(v, __shfl_xor_sync(kFullMask, v, off));
-  return v;
-}
-
 struct RowPrep {
   int64_t wa_off, wy_off, off_row;  // W[a], W[y] and offset row starts (elements)
   float s;                          // Σ_{c≠a} p_c (softmax), 0 otherwise
 };
 
-// One row of the tiled kernel, by its 8 lanes (sub = 0..7): p' = activation with p_a zeroed into
-// p[0..m), and the row's pivot offsets. A row past the end (row >= n_rows) gets p' = 0.
+// One row of the tiled kernel, by its 8 lanes (sub = 0..7; the group_* reductions of common.cuh over
+// 8 lanes, which every lane of the warp calls, dead rows included): p' = activation with p_a zeroed
+// into p[0..m), and the row's pivot offsets. A row past the end (row >= n_rows) gets p' = 0.
 template <typename L>
 __device__ __forceinline__ RowPrep prepare_row(const L* logits, const int64_t* y, bool softmax, int64_t row, float* p,
                                                int sub, int64_t n_rows, int64_t B, int64_t m, int64_t d) {
@@ -144,14 +136,14 @@ __device__ __forceinline__ RowPrep prepare_row(const L* logits, const int64_t* y
   }
   RowPrep out{0, 0, 0, 0.f};
   if (softmax) {
-    mx = row_reduce(mx, [](float a, float b) { return fmaxf(a, b); });
+    mx = group_max<kRowLanes>(mx);
     float sum = 0.f;
     for (int64_t c = sub; c < n; c += kRowLanes) {
       const float e = expf(p[c] - mx);
       p[c] = e;
       sum += e;
     }
-    const float inv = 1.f / row_reduce(sum, [](float a, float b) { return a + b; });
+    const float inv = 1.f / group_sum<kRowLanes>(sum);
     // argmax (smallest index on ties; a row of NaNs has none and takes pivot 0, whose NaNs spread)
     float best = -INFINITY;
     int64_t arg = m;
@@ -159,16 +151,11 @@ __device__ __forceinline__ RowPrep prepare_row(const L* logits, const int64_t* y
       p[c] *= inv;
       if (p[c] > best) { best = p[c]; arg = c; }
     }
-#pragma unroll
-    for (int off = kRowLanes / 2; off > 0; off /= 2) {
-      const float ob = __shfl_xor_sync(kFullMask, best, off);
-      const int64_t oa = __shfl_xor_sync(kFullMask, arg, off);
-      if (ob > best || (ob == best && oa < arg)) { best = ob; arg = oa; }
-    }
+    group_argmax<kRowLanes>(best, arg);
     const int64_t a = arg < m ? arg : 0;
     float part = 0.f;
     for (int64_t c = sub; c < n; c += kRowLanes) part += c == a ? 0.f : p[c];
-    out.s = row_reduce(part, [](float u, float v) { return u + v; });
+    out.s = group_sum<kRowLanes>(part);
     out.wa_off = a * d;
     __syncwarp();  // every lane has read p[a] before it is zeroed
     if (live && sub == 0) p[a] = 0.f;
