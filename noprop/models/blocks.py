@@ -13,6 +13,26 @@ from noprop.models.dropout import Dropout
 from noprop.models.inputs import check_images, check_runs
 
 
+def smallest_input(layers: nn.Sequential) -> tuple[int, int]:
+    """The smallest (H, W) for which every conv and pool in `layers` leaves at least one pixel.
+
+    Walks the stack backwards from a 1 x 1 output: a layer with kernel k, stride s, padding p and
+    dilation d gives floor((n + 2p - d(k - 1) - 1) / s) + 1 >= m pixels iff n >= (m - 1)s + d(k - 1) + 1 - 2p.
+    """
+    need = [1, 1]
+    for layer in reversed(layers):
+        if isinstance(layer, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            for axis in (0, 1):
+                k, s, p = (_pair(getattr(layer, name))[axis] for name in ("kernel_size", "stride", "padding"))
+                d = _pair(getattr(layer, "dilation", 1))[axis]
+                need[axis] = max(1, (need[axis] - 1) * s + d * (k - 1) + 1 - 2 * p)
+    return need[0], need[1]
+
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
 class ConvBranch(nn.Module):
     """conv32 → ReLU → pool → drop → conv64 → ReLU → drop → conv128 → ReLU → pool → drop →
     flatten → FC256 → BN.  [B, C, H, W] -> [B, 256]."""
@@ -26,6 +46,10 @@ class ConvBranch(nn.Module):
             nn.Conv2d(64, 128, 3), nn.ReLU(), nn.MaxPool2d(2), Dropout(dropout),
             nn.Flatten(),
         )
+        need = smallest_input(self.convs)
+        if image_shape[1] < need[0] or image_shape[2] < need[1]:
+            raise ValueError(f"images of {image_shape[1]} x {image_shape[2]} are too small for the DT block's "
+                             f"convolutions (needs at least {need[0]} x {need[1]})")
         with torch.no_grad():
             flat = self.convs(torch.zeros(1, *image_shape)).shape[1]
         self.fc = nn.Sequential(nn.Linear(flat, width), nn.BatchNorm1d(width))
