@@ -1,10 +1,15 @@
-"""Install noprop: the `noprop` package, its kernels under `noprop.kernels`, and the `noprop` CLI.
+"""Build steps that pyproject.toml cannot state: the package layout and the CUDA extension.
 
-The kernel sources live in the top-level `kernels/` folder but are installed as `noprop.kernels`
-(a top-level `kernels` package would collide with an unrelated PyPI project).
+Metadata, dependencies, extras and package data live in pyproject.toml.
 
-The CUDA C++ extension (`noprop.kernels.cuda._C`, sources in kernels/cuda/) is built only when a
-CUDA-enabled torch and nvcc are present; otherwise a pure-Python install is made and says why.
+Layout: the kernel sources live in the top-level `kernels/` folder but are installed as
+`noprop.kernels` (a top-level `kernels` package would collide with an unrelated PyPI project).
+pyproject's package discovery cannot rename a folder, so the packages are discovered here: every
+package under noprop/ and under kernels/ (as noprop.kernels.*), so new subpackages need no edit.
+
+The CUDA C++ extension (`noprop.kernels.cuda._C`, sources listed in kernels/cuda/sources.txt) is
+built only when a CUDA-enabled torch and nvcc are present; otherwise a pure-Python install is made
+and says why.
 - NOPROP_BUILD_CUDA=auto (default): build when possible, else pure Python with a message;
   0: never build; 1: fail loudly when it cannot be built.
 - TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0", MAX_JOBS to 2.
@@ -16,17 +21,14 @@ import os
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = Path(__file__).resolve().parent
-packages = ["noprop", "noprop.models", "noprop.ops", "noprop.kernels", "noprop.kernels.triton",
-            "noprop.kernels.cuda"]
 package_dir = {"noprop": "noprop", "noprop.kernels": "kernels"}
+packages = (find_packages(where=str(HERE), include=["noprop", "noprop.*"])
+            + ["noprop.kernels"] + [f"noprop.kernels.{name}" for name in find_packages(where=str(HERE / "kernels"))])
 
 CUDA_EXT_NAME = "noprop.kernels.cuda._C"
-CUDA_SOURCES = ["kernels/cuda/bindings.cpp", "kernels/cuda/noise_inject.cu", "kernels/cuda/local_loss.cu",
-                "kernels/cuda/denoise_step.cu"]
-CUDA_HEADERS = ["kernels/cuda/common.cuh", "kernels/cuda/philox.cuh", "kernels/cuda/ops.h"]
 
 
 def _say(msg: str) -> None:
@@ -76,12 +78,15 @@ def _cuda_build():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     os.environ.setdefault("MAX_JOBS", "2")
     arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
-    flags = _toolkit().compile_flags(cuda_home)
+    toolkit = _toolkit()
+    flags = toolkit.compile_flags(cuda_home)
+    cuda_dir = HERE / "kernels" / "cuda"
+    headers = sorted(f"kernels/cuda/{p.name}" for pattern in ("*.cuh", "*.h") for p in cuda_dir.glob(pattern))
     ext = cpp_extension.CUDAExtension(
         CUDA_EXT_NAME,
-        CUDA_SOURCES,
-        include_dirs=[str(HERE / "kernels" / "cuda")],
-        depends=CUDA_HEADERS,  # setuptools rebuilds only when these or the sources change
+        [f"kernels/cuda/{name}" for name in toolkit.source_names()],
+        include_dirs=[str(cuda_dir)],
+        depends=headers,  # setuptools rebuilds only when these or the sources change
         extra_compile_args={"cxx": flags, "nvcc": flags + ["-lineinfo"]},
         py_limited_api=True,
     )
@@ -123,21 +128,4 @@ def _cuda_build():
 
 
 ext_modules, cmdclass = _cuda_build()
-readme = HERE / "README.md"
-
-setup(
-    name="noprop",
-    version="0.1.0",
-    description="Kernel-accelerated NoProp training (Li, Teh, Pascanu 2025)",
-    long_description=readme.read_text(encoding="utf-8") if readme.exists() else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=packages,
-    package_dir=package_dir,
-    package_data={"noprop.kernels.cuda": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    install_requires=["torch>=2.11", "numpy", "tqdm", "mlxtend", "matplotlib"],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
-    entry_points={"console_scripts": ["noprop=noprop.cli:main"]},
-)
+setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass)

@@ -182,9 +182,6 @@ class CTSchedule(torch.nn.Module):
         """γ(t) = −log SNR(t), decreasing in t; same shape as t."""
         return self._terms(self.check_t(t))[0]
 
-    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
-        return -self.gamma(t)
-
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """SNR(t) = exp(−γ(t)) = ᾱ / (1 − ᾱ), increasing in t."""
         return torch.exp(-self.gamma(t))

@@ -12,7 +12,8 @@ queries a GPU at import:
    NOPROP_CUDA_JIT=1.
 A present but unusable library (other torch/CUDA, failed load, failed JIT) gives ONE warning line;
 a never-built extension is the normal pure-Python case and stays silent (`load_error()` says why).
-float64 inputs are not taken by these kernels: `unsupported_reason(*tensors)` says so.
+float64 inputs are not taken by these kernels: `UNSUPPORTED_DTYPES` says so, for noprop.dispatch.
+The compiled sources are listed once, in sources.txt (read here through toolkit.py).
 """
 from __future__ import annotations
 
@@ -25,8 +26,6 @@ from pathlib import Path
 import torch
 
 _HERE = Path(__file__).resolve().parent
-SOURCES = ("bindings.cpp", "noise_inject.cu", "local_loss.cu", "denoise_step.cu")
-OPS = ("noise_inject", "noise_inject_backward", "local_loss", "local_loss_backward", "denoise_step")
 _PREBUILT = __name__ + "._C"
 _JIT_NAME = "noprop_cuda_jit"
 _BUILD_HINT = "build it with bench/build_cuda_ext.sh, `pip install --no-build-isolation .`, or NOPROP_CUDA_JIT=1"
@@ -145,11 +144,11 @@ def _jit_build(verbose: bool):
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"  # else torch targets the visible GPUs
     os.environ.setdefault("MAX_JOBS", "2")
-    from .toolkit import compile_flags
+    from .toolkit import compile_flags, source_names
     flags = compile_flags(cpp_extension.CUDA_HOME)
     mod = cpp_extension.load(
         name=_JIT_NAME,
-        sources=[str(_HERE / s) for s in SOURCES],
+        sources=[str(_HERE / name) for name in source_names()],
         extra_cflags=flags,
         extra_cuda_cflags=flags + ["-lineinfo"],
         extra_include_paths=[str(_HERE)],
@@ -172,6 +171,8 @@ def load(verbose: bool = False):
         _jit_build(verbose)
         _register_fakes()
         _state["error"] = None
+        from noprop import dispatch
+        dispatch.forget_choices()  # ops that ran before chose without this backend
         return _state["module"]
 
 
@@ -210,18 +211,6 @@ def build_info() -> dict:
 UNSUPPORTED_DTYPES = {
     torch.float64: "the CUDA extension computes in float32 (fp32/fp16/bf16 storage); float64 runs on the eager reference",
 }
-
-
-def unsupported_reason(*tensors) -> str | None:
-    """None when these kernels take these tensors, else why not (dispatch can route to another backend)."""
-    for t in tensors:
-        if not isinstance(t, torch.Tensor):
-            continue
-        if t.dtype in UNSUPPORTED_DTYPES:
-            return UNSUPPORTED_DTYPES[t.dtype]
-        if t.device.type != "cuda":
-            return f"the CUDA extension runs on CUDA tensors only, got a {t.device.type} tensor"
-    return None
 
 
 def _register_fakes() -> None:

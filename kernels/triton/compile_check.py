@@ -204,7 +204,6 @@ def _ptxas(arch: int) -> str | None:
 
 _REGS = re.compile(r"Used (\d+) registers")
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
-_SMEM = re.compile(r"(\d+) bytes smem")
 
 
 def _resource_usage(ptx: str, arch: int) -> tuple[int | None, int | None, str | None]:
