@@ -8,6 +8,9 @@ The choice looks at the device and at the dtypes of the call's tensors: the Trit
 float32, so float64 calls (gradcheck, references) go to eager under `auto` and raise under `triton`.
 Availability is probed lazily on first use, never at import, so `import noprop` works on machines
 without a GPU, a Triton driver or the CUDA extension.
+The op calls are launch-bound, so the choice is made once per (device, dtypes, requested backend,
+TRITON_INTERPRET on CPU) and remembered: a later call with the same key costs one cache lookup.
+`forget_choices()` drops what was remembered (the CUDA extension's `load()` calls it).
 """
 from __future__ import annotations
 
@@ -22,7 +25,13 @@ import torch
 
 BACKENDS = ("triton", "cuda", "eager")
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "eager"), "cpu": ("eager",)}
-_override = threading.local()
+
+
+class _Override(threading.local):
+    name = None  # a class default: a thread that never set it reads None without a caught AttributeError
+
+
+_override = _Override()
 # dtypes the Triton kernels do not run, with the reason. The CUDA extension's own table lives beside
 # its kernels (noprop.kernels.cuda.UNSUPPORTED_DTYPES; importing that module loads no library).
 _TRITON_UNSUPPORTED_DTYPES = {
@@ -42,8 +51,12 @@ class BackendUnavailable(RuntimeError):
 
 
 def requested_backend() -> str:
-    name = getattr(_override, "name", None) or os.environ.get("NOPROP_BACKEND", "auto")
-    name = name.strip().lower()
+    return _normalized(_override.name or os.environ.get("NOPROP_BACKEND", "auto"))
+
+
+@functools.lru_cache(maxsize=64)
+def _normalized(raw: str) -> str:
+    name = raw.strip().lower()
     if name not in BACKENDS + ("auto",):
         raise ValueError(f"NOPROP_BACKEND={name!r} is not one of auto, {', '.join(BACKENDS)}")
     return name
@@ -52,7 +65,7 @@ def requested_backend() -> str:
 @contextlib.contextmanager
 def use_backend(name: str):
     """Run the enclosed code with backend `name` (auto, triton, cuda or eager) for this thread."""
-    previous = getattr(_override, "name", None)
+    previous = _override.name
     _override.name = name
     try:
         requested_backend()  # validate now, not at the first op call
@@ -127,8 +140,10 @@ def _why_not(backend: str, device: torch.device, dtypes) -> str | None:
 
 def backend_name(device: torch.device, dtypes=()) -> str:
     """The backend that will run an op on `device` (with input `dtypes`) under the current request."""
-    device = torch.device(device)
-    want = requested_backend()
+    return _choose(requested_backend(), torch.device(device), dtypes)
+
+
+def _choose(want: str, device: torch.device, dtypes) -> str:
     if want != "auto":
         reason = _why_not(want, device, dtypes)
         if reason:
@@ -143,19 +158,41 @@ def backend_name(device: torch.device, dtypes=()) -> str:
 _MODULES = {"eager": "noprop.ops.eager", "triton": "noprop.kernels.triton", "cuda": "noprop.kernels.cuda"}
 
 
-def implementation(op: str, device: torch.device):
-    """The function implementing `op` (e.g. 'local_loss_backward') on `device` right now.
+@functools.lru_cache(maxsize=None)
+def _chosen_module(device: torch.device, dtypes: tuple, want: str, interpreted: bool):
+    """The module of the backend chosen for this key (a BackendUnavailable is raised, not cached).
+    The module rather than the op's function: the function is read from it per call, one attribute
+    lookup, so a function replaced on the module (a test's spy) is what runs."""
+    floating = sorted({dt for dt in dtypes if dt is not None and dt.is_floating_point}, key=str)
+    return importlib.import_module(_MODULES[_choose(want, device, floating)])
 
-    The device decides at once (a backend that cannot run there raises here); the returned callable
-    then also weighs the dtypes of the tensors it is called with (float64 -> eager, see above).
-    """
-    device = torch.device(device)
-    backend_name(device)
 
+def forget_choices() -> None:
+    """Choose again on the next call: for when availability changed in this process (a backend
+    was built or loaded after ops had run)."""
+    _chosen_module.cache_clear()
+
+
+def _runner(op: str, device: torch.device):
     def run(*args):
-        dtypes = sorted({a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()}, key=str)
-        module = importlib.import_module(_MODULES[backend_name(device, dtypes)])
+        # The key: dtypes of every argument (None for non-tensors), the request, and on CPU, where
+        # Triton runs only in its interpreter, whether TRITON_INTERPRET is on.
+        module = _chosen_module(device, tuple([getattr(a, "dtype", None) for a in args]), requested_backend(),
+                                device.type == "cpu" and triton_interpreted())
         return getattr(module, op)(*args)
 
     run.__name__ = run.__qualname__ = op
     return run
+
+
+_runners: dict = {}
+
+
+def implementation(op: str, device: torch.device):
+    """The function running `op` (e.g. 'local_loss_backward') on `device`: on every call it takes
+    the backend chosen for the device, the dtypes of the tensors it gets (float64 -> eager, see
+    above) and the current request; a requested backend that cannot run raises BackendUnavailable."""
+    try:
+        return _runners[op, device]
+    except KeyError:
+        return _runners.setdefault((op, device), _runner(op, torch.device(device)))

@@ -15,6 +15,15 @@ def _one_torch_thread(one_torch_thread):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_choices():
+    # Tests here fake availability (monkeypatched probes): nothing they make dispatch remember may
+    # outlive them, and each starts from an empty memory.
+    dispatch.forget_choices()
+    yield
+    dispatch.forget_choices()
+
+
 # Tests that run Triton on CPU tensors: only under TRITON_INTERPRET=1 (CI); bench/gpu_check.sh runs
 # this file with compiled kernels, where CPU tensors cannot go to Triton at all.
 needs_interpreter = pytest.mark.skipif(not dispatch.triton_interpreted(),
@@ -156,3 +165,78 @@ def test_backward_follows_the_forwards_backend_on_any_thread(monkeypatch):
     worker.join()
     assert calls == [["local_loss_backward"], ["noise_inject_backward"]]
     assert W.grad is not None and logits.grad is not None
+
+
+def _count_probes(monkeypatch):
+    """Calls of dispatch.why_unavailable, the availability probe every choice goes through."""
+    probes = []
+    real = dispatch.why_unavailable
+
+    def counting(*args):
+        probes.append(args)
+        return real(*args)
+    monkeypatch.setattr(dispatch, "why_unavailable", counting)
+    return probes
+
+
+def test_a_repeated_call_does_not_choose_again(monkeypatch):
+    monkeypatch.setenv("NOPROP_BACKEND", "auto")
+    probes, calls_e = _count_probes(monkeypatch), _spy(monkeypatch, eager, "local_loss")
+    args = _loss_args()
+    ops.local_loss(*args)
+    first = len(probes)
+    assert first > 0  # the first call chose
+    for _ in range(3):
+        ops.local_loss(*args)
+    assert len(probes) == first and calls_e == ["local_loss"] * 4
+    ops.local_loss(*_loss_args(torch.float64))  # new dtypes: a new choice, then remembered too
+    second = len(probes)
+    assert second > first
+    ops.local_loss(*_loss_args(torch.float64))
+    assert len(probes) == second
+    dispatch.forget_choices()
+    ops.local_loss(*args)
+    assert len(probes) > second
+
+
+def test_the_request_is_part_of_what_is_remembered(monkeypatch):
+    # Triton made available on CPU (its probe and its function faked), so that auto (eager on CPU)
+    # and an explicit triton request differ on this machine whatever TRITON_INTERPRET says.
+    monkeypatch.delenv("NOPROP_BACKEND", raising=False)
+    monkeypatch.setattr(dispatch, "_triton_reason", lambda device: None)
+    calls_t = []
+
+    def fake_triton(*args):
+        calls_t.append("local_loss")
+        return eager.local_loss(*args)
+    monkeypatch.setattr(T, "local_loss", fake_triton)
+    calls_e = _spy(monkeypatch, eager, "local_loss")
+    args = _loss_args()
+    ops.local_loss(*args)
+    assert calls_e == ["local_loss"] and calls_t == []
+    with dispatch.use_backend("triton"):
+        ops.local_loss(*args)
+    assert calls_t == ["local_loss"] and len(calls_e) == 2  # the fake ran, then called eager itself
+    ops.local_loss(*args)  # the request is over: auto's remembered choice again
+    assert calls_t == ["local_loss"] and len(calls_e) == 3
+    monkeypatch.setenv("NOPROP_BACKEND", "triton")  # the environment variable is read per call too
+    ops.local_loss(*args)
+    assert calls_t == ["local_loss"] * 2
+    with dispatch.use_backend("cuda"), pytest.raises(dispatch.BackendUnavailable, match="CUDA tensors only"):
+        ops.local_loss(*args)
+    with dispatch.use_backend("eager"):
+        ops.local_loss(*args)
+    assert calls_t == ["local_loss"] * 2 and len(calls_e) == 5
+
+
+def test_a_refusal_is_not_remembered(monkeypatch):
+    # BackendUnavailable every time while the backend cannot run, and a working call once it can.
+    reason = {"now": "faked: not yet"}
+    monkeypatch.setattr(dispatch, "_triton_reason", lambda device: reason["now"])
+    monkeypatch.setattr(T, "local_loss", eager.local_loss)
+    with dispatch.use_backend("triton"):
+        for _ in range(2):
+            with pytest.raises(dispatch.BackendUnavailable, match="faked: not yet"):
+                ops.local_loss(*_loss_args())
+        reason["now"] = None
+        assert ops.local_loss(*_loss_args()).shape == (2,)
