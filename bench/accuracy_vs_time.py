@@ -51,7 +51,7 @@ def run_label(path: Path, rows: list[dict]) -> str:
     if method is None:
         return Path(path).stem
     if method == "dt":
-        return f"NoProp-DT {r.get('schedule', '')}".strip()
+        return f"NoProp-DT {r.get('mode', r.get('schedule', ''))}".strip()
     return {"backprop": "backprop (same blocks)", "cnn": "backprop CNN", "ct": "NoProp-CT",
             "fm": "NoProp-FM"}.get(method, method)
 
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("metrics", nargs="+", type=Path, help="JSONL files from noprop train --metrics")
     p.add_argument("--out", type=Path, default=Path("bench/results/accuracy_vs_time.png"), help="output PNG")
-    p.add_argument("--labels", default=None, help="comma-separated curve labels (default: from method/schedule)")
+    p.add_argument("--labels", default=None, help="comma-separated curve labels (default: from method/mode)")
     p.add_argument("--title", default=None, help="plot title")
     p.add_argument("--chance", type=float, default=None, help="start each curve at (0 s, this accuracy), e.g. 0.1")
     p.add_argument("--targets", default="0.9,0.95,0.97", help="accuracies to report the time-to of")

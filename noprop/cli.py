@@ -9,7 +9,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from noprop.devices import set_threads, usable_device
-from noprop.training import METHODS, SCHEDULES, TrainConfig
+from noprop import engine
+from noprop.training.config import METHODS, MODE_ALIASES, MODES, TrainConfig, blocks_per_step
 
 DEFAULTS = TrainConfig()
 
@@ -30,16 +31,17 @@ def _add_train_args(p):
                    help="dt = NoProp-DT; backprop = the same blocks trained end to end; cnn = one block's image "
                         "branch + linear classifier trained with backprop (strongest fair reference); "
                         "ct = NoProp-CT (continuous time, learnable schedule); fm = NoProp-FM (flow matching)")
-    p.add_argument("--schedule", "--mode", dest="schedule", choices=SCHEDULES, default=DEFAULTS.schedule,
-                   help="NoProp-DT training mode: all-blocks = parallel (every block on every minibatch, one step), "
+    p.add_argument("--mode", "--schedule", dest="mode", choices=MODES + tuple(MODE_ALIASES), default=DEFAULTS.mode,
+                   help="NoProp-DT training mode: parallel (every block on every minibatch, one step; all-blocks is "
+                        "another name for it), "
                         "chunked (the same update, --chunk-size blocks at a time: less memory), lean (one block "
                         "at a time: least memory), sequential (paper's Algorithm 1: one pass over the data per block)")
     p.add_argument("--chunk-size", type=int, default=DEFAULTS.chunk_size, help="blocks per chunk in --mode chunked")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="dt in mode parallel/all-blocks, or backprop, with --device cuda: capture the training step "
+                   help="dt in mode parallel, or backprop, with --device cuda: capture the training step "
                         "once as a CUDA graph and replay it for every full batch (fresh noise each replay; a last "
                         "partial batch runs eagerly)")
-    p.add_argument("--execution", choices=("auto", "loop", "vmap", "threads"), default=DEFAULTS.execution,
+    p.add_argument("--execution", choices=engine.EXECUTIONS, default=DEFAULTS.execution,
                    help="how the blocks of a step run: one by one (loop), stacked with vmap, in groups on CPU "
                         "threads at once (threads: block parallelism, sharing torch's intra-op threads), or auto "
                         "(threads on CPU with >= 2 torch threads; on CUDA vmap for >= 4 blocks at once, else loop)")
@@ -54,13 +56,13 @@ def _add_train_args(p):
                    help="ᾱ_T, the top of the cosine schedule (caps SNR(T))")
     p.add_argument("--epochs", type=int, default=None,
                    help="passes over the training data (default: %(default)s = per method: dt, backprop and cnn 15, "
-                        "ct 40, fm 30; METHOD_DEFAULTS in noprop/training.py)")
+                        "ct 40, fm 30; METHOD_DEFAULTS in noprop/training/config.py)")
     p.add_argument("--batch-size", "--batch", type=int, default=DEFAULTS.batch_size, help="minibatch size")
     p.add_argument("--lr", type=float, default=DEFAULTS.lr, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="AdamW weight decay")
     p.add_argument("--shared-lr-scale", type=float, default=None,
                    help="learning-rate factor of the shared head and embedding (default: %(default)s = T when every "
-                        "block trains on every minibatch (dt all-blocks/parallel/chunked/lean), else 1)")
+                        "block trains on every minibatch (dt parallel/chunked/lean), else 1)")
     p.add_argument("--eval-runs", type=int, default=DEFAULTS.eval_runs,
                    help="stochastic inference chains averaged per test image")
     p.add_argument("--mean-chain", action="store_true", help="evaluate with the noise-free mean chain")
@@ -124,9 +126,7 @@ def _execution_note(cfg) -> str:
         return ""
     import torch
 
-    from noprop import engine
-
-    per_step = 1 if cfg.schedule == "sequential" else min(cfg.chunk or cfg.T, cfg.T)  # blocks run together
+    per_step = blocks_per_step(cfg.mode, cfg.T, cfg.chunk_size)  # blocks run together
     pick = engine.resolve_identical(cfg.execution, per_step, cfg.device)
     return f", blocks: {pick}" + (f" on {torch.get_num_threads()} CPU threads" if pick == "threads" else "")
 
@@ -140,7 +140,7 @@ def _train(args) -> int:
     cfg = TrainConfig(**values)
     usable_device(cfg.device)  # before the data loads: a missing GPU is the first thing said
     split = load(cfg.data, cfg.data_dir, cfg.seed)
-    mode = {"dt": cfg.schedule, "ct": "one network, per-sample t", "fm": "one network, per-sample t"}
+    mode = {"dt": cfg.mode, "ct": "one network, per-sample t", "fm": "one network, per-sample t"}
     print(f"training {cfg.method} ({mode.get(cfg.method, 'end to end')}) on {split.name}: "
           f"{len(split.train)} train / {len(split.test)} test images, {cfg.epochs} epochs, device {cfg.device}"
           f"{_execution_note(cfg)}")

@@ -9,7 +9,7 @@ unchanged; BatchNorm running statistics updated inside the stacked call are writ
 
 Which is faster depends on the device and on how many blocks run together. Measured on the 2-core
 CPU this project develops on (`noprop bench`, bench/results/): stacking loses there (grouped convs
-are ~2-3x slower than separate ones, ../shared/docs/design.md), so `auto` never picks `vmap` on a
+are ~2-3x slower than separate ones, docs/design.md §12), so `auto` never picks `vmap` on a
 CPU. On an H100 (bench/results/nvidia-h100-80gb-hbm3*/, T = 10 DT blocks) stacking wins for the
 whole step (10 blocks: 1.16-1.58x faster than loop at batch 128 and 1024) and for chunks of 5
 (1.13x at batch 128) but loses for chunks of 2 (loop 1.27-1.46x faster), so on CUDA `auto` stacks

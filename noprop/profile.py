@@ -1,16 +1,7 @@
 """`noprop profile`: torch.profiler over a few training steps, with NoProp's stages as named ranges.
 
-The training code marks its stages with `stage(name)`:
-  noprop.noise          noise_inject: z_0..z_T for the minibatch (models/dt.py)
-  noprop.block_forward  the blocks' forward (DT), or the whole forward + loss of a baseline
-  noprop.local_loss     local_loss + CE(head(z_T)) + KL (models/dt.py)
-  noprop.backward       loss.backward() (training.py)
-  noprop.optimizer      the AdamW step(s) (training.py)
-`stage` is a no-op (a nullcontext) unless the torch profiler is running or NVTX ranges were switched
-on (`enable_nvtx()`, `noprop profile --nvtx`, or NOPROP_NVTX=1), so ordinary training pays nothing
-but one cheap check per stage. With NVTX on and a CUDA build, each stage is also a
-`torch.cuda.nvtx.range`, so Nsight Systems can filter on the same names.
-
+The stages are marked by `noprop.stages.stage` (noise, block_forward, local_loss, backward,
+optimizer); `--nvtx` also emits them as NVTX ranges for Nsight Systems.
 Output: a Chrome trace (DIR/trace.json, open in chrome://tracing or ui.perfetto.dev), a per-op table
 (time and memory, key_averages with profile_memory=True) and a per-stage table on stdout.
 """
@@ -18,68 +9,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from noprop import engine
 from noprop.atomic import write_text_atomically
+from noprop.bench.measure import step_factory
+from noprop.bench.plan import Case
 from noprop.devices import set_threads, usable_device
+from noprop.stages import STAGES, all_threads_profiler, enable_nvtx, sync
+from noprop.training.config import MODE_ALIASES, MODES, canonical_mode
 
-STAGES = ("noprop.noise", "noprop.block_forward", "noprop.local_loss", "noprop.backward", "noprop.optimizer")
-# --mode: bench's DT modes plus train's all-blocks, another name for parallel (noprop/training.py).
-MODES = ("parallel", "all-blocks", "chunked", "lean", "sequential")
-_nvtx = os.environ.get("NOPROP_NVTX", "0").strip().lower() in ("1", "true", "on", "yes")
-
-
-def enable_nvtx(on: bool = True) -> None:
-    """Emit torch.cuda.nvtx ranges for the stages too (for Nsight), on CUDA builds."""
-    global _nvtx
-    _nvtx = bool(on)
-
-
-_all_threads_session = False  # set while `noprop profile` runs its all-threads profiler (see below)
-
-
-def _profiler_on() -> bool:
-    if _all_threads_session:  # profile_all_threads profiles through global callbacks, which
-        return True  # torch.autograd._profiler_enabled() (per thread) does not report
-    try:
-        return torch.autograd._profiler_enabled()
-    except AttributeError:  # very old or very new torch: always record (record_function is cheap)
-        return True
-
-
-@contextlib.contextmanager
-def _both(name: str):
-    with torch.profiler.record_function(name):
-        torch.cuda.nvtx.range_push(name)
-        try:
-            yield
-        finally:
-            torch.cuda.nvtx.range_pop()
-
-
-def stage(name: str):
-    """Context manager marking one NoProp stage (see the module docstring)."""
-    if torch.compiler.is_compiling():  # under torch.compile the compiled graph is what gets profiled
-        return contextlib.nullcontext()
-    if _nvtx and torch.version.cuda is not None:
-        return _both(name)
-    if _profiler_on():
-        return torch.profiler.record_function(name)
-    return contextlib.nullcontext()
-
-
-# ---- noprop profile ------------------------------------------------------------------------------
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("dt", "backprop", "cnn"), default="dt", help="what to train")
-    p.add_argument("--mode", default="parallel", choices=MODES,
+    p.add_argument("--mode", default="parallel", choices=MODES + tuple(MODE_ALIASES),
                    help="NoProp-DT training mode, as for train (all-blocks = parallel; sequential: one step = T "
                         "single-block updates)")
-    p.add_argument("--execution", choices=("auto", "loop", "vmap", "threads"), default="auto", help="how DT blocks run")
+    p.add_argument("--execution", choices=engine.EXECUTIONS, default="auto", help="how DT blocks run")
     p.add_argument("--steps", type=int, default=3, help="profiled training steps")
     p.add_argument("--warmup", type=int, default=1, help="unprofiled steps first")
     p.add_argument("--batch", "--batch-size", dest="batch", type=int, default=128, help="minibatch size")
@@ -118,17 +67,14 @@ def _all_threads_config():
 def main_args(args) -> int:
     from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
 
-    from noprop.bench import Case, _sync, training_step_fn
-    from noprop.training import canonical_schedule
-
     if args.steps < 1:
         raise ValueError(f"steps must be >= 1, got {args.steps}")
     device = usable_device(args.device)
     set_threads(args.threads)
     enable_nvtx(args.nvtx)
-    mode = canonical_schedule(args.mode)
+    mode = canonical_mode(args.mode)
     case = Case(args.method, mode if args.method == "dt" else "end-to-end", args.execution)
-    _, _, train_once = training_step_fn(case, args.data, args.batch, args.T, args.chunk_size, device)
+    _, _, train_once = step_factory(case, args.data, args.batch, args.T, args.chunk_size, device)
 
     def step():
         with record_function("noprop.step"):
@@ -136,20 +82,16 @@ def main_args(args) -> int:
 
     for _ in range(args.warmup):
         step()
-    _sync(device)
+    sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    global _all_threads_session
     config = _all_threads_config() if device.type == "cpu" else None  # only CPU steps run block threads
     t0 = time.perf_counter()
-    _all_threads_session = config is not None
-    try:
+    with all_threads_profiler() if config is not None else contextlib.nullcontext():
         with torch_profile(activities=activities, profile_memory=True, record_shapes=True,
                            experimental_config=config) as prof:
             for _ in range(args.steps):
                 step()
-            _sync(device)
-    finally:
-        _all_threads_session = False
+            sync(device)
     wall = time.perf_counter() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ def test_quick_bench_writes_well_formed_records(quick):
     by = {(r["method"], r["mode"]): r for r in records}
     assert set(by) == {("dt", m) for m in bench.DT_MODES} | {("backprop", "end-to-end"), ("cnn", "end-to-end")}
     for r in records:
-        for key in bench.REQUIRED_KEYS + ("ratio_to_backprop", "torch", "commit", "timestamp", "execution",
+        for key in ("method", "mode", "device", "batch", "samples_per_s", "ms_per_step", "peak_mem_mb", "ratio_to_backprop", "torch", "commit", "timestamp", "execution",
                                           "threads", "saved_mb", "ms_min", "ms_max"):
             assert key in r, key
         assert r["device"] == "cpu" and r["batch"] == 16 and r["T"] == 3
@@ -62,7 +62,7 @@ def test_a_run_cut_short_leaves_the_cases_measured_so_far(tmp_path, monkeypatch,
         return {"ms_per_step": ms, "peak_mem_mb": 100.0, "peak_mem_kind": "fake", "rss_base_mb": 50.0,
                 "execution_used": "loop", "saved_mb": 1.0}
 
-    monkeypatch.setattr(bench, "measure", fake_measure)
+    monkeypatch.setattr(bench.cli, "measure", fake_measure)
     json_path = tmp_path / "b.json"
     rc = main(["bench", "--quick", "--no-isolate", "--methods", "dt,backprop", "--modes", "parallel,lean",
                "--json", str(json_path)])
@@ -145,16 +145,16 @@ def test_profile_sees_the_block_threads(tmp_path, capsys, torch_threads):
 
 def test_execution_list_is_checked_against_device_and_threads():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert bench._executions("loop,threads", cpu, 2) == ["loop", "threads"]
-    assert bench._executions("all", cpu, 2) == ["loop", "vmap", "threads"]
-    assert bench._executions("all", cpu, 1) == ["loop", "vmap"]  # one thread: threads would be loop
-    assert bench._executions("both,loop", cuda, 8) == ["loop", "vmap"]
+    assert bench.cli._executions("loop,threads", cpu, 2) == ["loop", "threads"]
+    assert bench.cli._executions("all", cpu, 2) == ["loop", "vmap", "threads"]
+    assert bench.cli._executions("all", cpu, 1) == ["loop", "vmap"]  # one thread: threads would be loop
+    assert bench.cli._executions("both,loop", cuda, 8) == ["loop", "vmap"]
     with pytest.raises(ValueError, match="needs --threads >= 2"):
-        bench._executions("threads", cpu, 1)
+        bench.cli._executions("threads", cpu, 1)
     with pytest.raises(ValueError, match="CPU threads"):
-        bench._executions("threads", cuda, 8)
+        bench.cli._executions("threads", cuda, 8)
     with pytest.raises(ValueError, match="unknown execution 'fast'"):
-        bench._executions("loop,fast", cpu, 2)
+        bench.cli._executions("loop,fast", cpu, 2)
 
 
 def test_execution_verdict_names_the_fastest_of_three():
@@ -169,14 +169,14 @@ def test_accuracy_vs_time_plots_two_runs(tmp_path, capsys):
     for method, accs in (("dt", [0.5, 0.9, 0.97]), ("backprop", [0.3, 0.6, 0.8])):
         p = tmp_path / f"{method}.jsonl"
         p.write_text("\n".join(json.dumps({"epoch": i + 1, "test_acc": a, "elapsed_s": 10.0 * (i + 1),
-                                           "method": method, "schedule": "all-blocks"})
+                                           "method": method, "mode": "parallel"})
                                for i, a in enumerate(accs)) + "\n")
         runs.append(str(p))
     out = tmp_path / "acc.png"
     assert accuracy_vs_time.main([*runs, "--out", str(out), "--chance", "0.1"]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
     rows = (tmp_path / "acc.csv").read_text().splitlines()
-    assert len(rows) == 3 and rows[1].startswith("NoProp-DT all-blocks")
+    assert len(rows) == 3 and rows[1].startswith("NoProp-DT parallel")
     assert "20" in capsys.readouterr().out  # dt reached 0.9 after 20 s
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"epoch": 1}\n')

@@ -123,7 +123,7 @@ def test_unusable_devices_are_one_line_before_any_work(tmp_path, capsys, device,
 
 
 def test_output_paths_are_checked_before_training(tmp_path, capsys, monkeypatch):
-    from noprop import training
+    from noprop.training import loop as training
 
     monkeypatch.setattr(training, "train_step", lambda *a, **k: pytest.fail("trained before checking the paths"))
     assert main(["train", *TINY, "--checkpoint", str(tmp_path)]) == 2
@@ -159,7 +159,7 @@ def test_a_forced_backend_that_cannot_run_is_one_line(tmp_path, capsys, monkeypa
 
 
 def test_interrupt_says_whether_this_run_left_a_checkpoint(tmp_path, capsys, monkeypatch):
-    from noprop import training
+    from noprop.training import loop as training
 
     ck = tmp_path / "run.pt"
     real_step, calls = training.train_step, []

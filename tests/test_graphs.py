@@ -1,4 +1,4 @@
-"""noprop.graphs: the parallel NoProp-DT step captured as a CUDA graph (--cuda-graph).
+"""noprop.training.graphs: the parallel NoProp-DT step captured as a CUDA graph (--cuda-graph).
 
 Without a GPU: the clear errors (CPU, unsupported modes, CLI flags), the captured body equals the
 eager train_step, a non-finite loss skips a fused optimizer's update, and the warm-up's snapshot /
@@ -14,7 +14,10 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from noprop import bench, dispatch, graphs
+from noprop import bench, dispatch
+from noprop.training import graphs
+from noprop.training.config import GRAPH_MODES
+from noprop.training.step import captured_body, skips_nonfinite
 from noprop.cli import main
 from noprop.data import synthetic
 from noprop.models import BackpropDT
@@ -48,20 +51,20 @@ def assert_same_state(a, b, rtol=0.0, atol=0.0):
 
 # --- without a GPU: configuration and errors ------------------------------------------------------
 
-@pytest.mark.parametrize("method,schedule", [("dt", "sequential"), ("dt", "chunked"), ("dt", "lean"),
-                                             ("cnn", "all-blocks"), ("ct", "all-blocks"), ("fm", "all-blocks")])
-def test_config_rejects_cuda_graph_outside_dt_parallel(method, schedule):
-    with pytest.raises(ValueError, match="parallel / all-blocks step only") as info:
-        TrainConfig(method=method, schedule=schedule, cuda_graph=True, device="cuda")
-    assert "sequential" in str(info.value).lower() and repr(schedule) in str(info.value)
+@pytest.mark.parametrize("method,mode", [("dt", "sequential"), ("dt", "chunked"), ("dt", "lean"),
+                                         ("cnn", "parallel"), ("ct", "parallel"), ("fm", "parallel")])
+def test_config_rejects_cuda_graph_outside_dt_parallel(method, mode):
+    with pytest.raises(ValueError, match="parallel step only") as info:
+        TrainConfig(method=method, mode=mode, cuda_graph=True, device="cuda")
+    assert "sequential" in str(info.value).lower() and repr(mode) in str(info.value)
 
 
 def test_config_needs_a_cuda_device_and_defaults_off():
     assert TrainConfig().cuda_graph is False
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device, got device 'cpu'"):
         TrainConfig(cuda_graph=True)
-    for schedule in graphs.SCHEDULES:  # a valid combination needs no GPU to describe
-        assert TrainConfig(schedule=schedule, cuda_graph=True, device="cuda:0").cuda_graph
+    for mode in GRAPH_MODES + ("all-blocks",):  # a valid combination needs no GPU to describe
+        assert TrainConfig(mode=mode, cuda_graph=True, device="cuda:0").cuda_graph
     assert TrainConfig(method="backprop", cuda_graph=True, device="cuda").cuda_graph  # the like-for-like baseline
 
 
@@ -76,12 +79,12 @@ def test_captured_step_refuses_cpu_models_with_a_clear_error():
 def test_captured_step_refuses_other_modes_and_models_saying_which_are_supported():
     model = tiny_dt()
     x, y = batch()
-    seq = Optimizers(model, TrainConfig(T=model.T, schedule="sequential"))
-    with pytest.raises(ValueError, match="parallel / all-blocks.*per block"):
+    seq = Optimizers(model, TrainConfig(T=model.T, mode="sequential"))
+    with pytest.raises(ValueError, match="parallel step only.*per block"):
         graphs.CapturedStep(model, seq, x, y)
     from noprop.models import CNNClassifier
     cnn = CNNClassifier((1, 28, 28), 5)
-    with pytest.raises(ValueError, match="parallel / all-blocks.*backprop baseline.*CNNClassifier"):
+    with pytest.raises(ValueError, match="parallel step only.*backprop baseline.*CNNClassifier"):
         graphs.CapturedStep(cnn, Optimizers(cnn, TrainConfig(method="cnn", T=2)), x, y)
     # the backprop baseline is capturable: on this CPU model only the device is wrong
     bp = _tiny_backprop()
@@ -120,7 +123,7 @@ def test_cli_cuda_graph_flags_parse_and_fail_cleanly_without_a_gpu(tmp_path, cap
     assert main(["train", *TINY, *ck, "--cuda-graph"]) == 2
     assert "CUDA graphs need a CUDA device, got device 'cpu'" in capsys.readouterr().err
     assert main(["train", *TINY, *ck, "--cuda-graph", "--device", "cuda", "--mode", "lean"]) == 2
-    assert "parallel / all-blocks step only" in capsys.readouterr().err
+    assert "parallel step only" in capsys.readouterr().err
     if NO_CUDA:
         assert main(["train", *TINY, *ck, "--cuda-graph", "--device", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
@@ -178,7 +181,7 @@ def test_step_body_is_the_eager_train_step(one_torch_thread, method):
         eager = train_step(a, oa, x, y)
         torch.manual_seed(100 + i)
         ob.zero_grad()
-        loss, seed = graphs.step_body(b, ob, x, y)
+        loss, seed = captured_body(b, ob, x, y)
         assert loss.item() == eager
         assert (seed.shape == (1,)) if method == "dt" else seed is None
     assert_same_state(state_of(a, oa), state_of(b, ob))
@@ -230,10 +233,10 @@ def test_captured_body_makes_no_host_syncs(monkeypatch, one_torch_thread, execut
     x, y = batch()
     monkeypatch.setattr(checks, "labels", lambda y, m: None)
     opts.zero_grad()
-    graphs.step_body(model, opts, x, y)  # optimizer state exists from here on, as after the warm-up
+    captured_body(model, opts, x, y)  # optimizer state exists from here on, as after the warm-up
     opts.zero_grad()
     with _OpCounter() as body:
-        graphs.step_body(model, opts, x, y)
+        captured_body(model, opts, x, y)
     assert {op: n for op, n in body.ops.items() if op in HOST_OPS} == {}
     with _OpCounter() as eager:  # the probe does see host reads: the eager step has some
         train_step(model, opts, x, y)
@@ -250,14 +253,14 @@ def _fused_cpu(model, opts):
 def test_step_body_skips_a_non_finite_update_of_fused_optimizers(one_torch_thread):
     model = tiny_dt()
     opts = _fused_cpu(model, Optimizers(model, TrainConfig(T=model.T)))
-    assert graphs.skips_nonfinite(opts) and not graphs.skips_nonfinite(Optimizers(model, TrainConfig(T=model.T)))
+    assert skips_nonfinite(opts) and not skips_nonfinite(Optimizers(model, TrainConfig(T=model.T)))
     x, y = batch()
     opts.zero_grad()
-    graphs.step_body(model, opts, x, y)  # one finite step: state exists, step = 1
+    captured_body(model, opts, x, y)  # one finite step: state exists, step = 1
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     before = state_of(model, opts)
     opts.zero_grad()
-    loss, _ = graphs.step_body(model, opts, torch.full_like(x, float("nan")), y)
+    loss, _ = captured_body(model, opts, torch.full_like(x, float("nan")), y)
     assert not torch.isfinite(loss)
     for k, v in model.named_parameters():
         assert torch.equal(v, params[k]), f"{k} moved on a non-finite loss"
@@ -267,7 +270,7 @@ def test_step_body_skips_a_non_finite_update_of_fused_optimizers(one_torch_threa
             assert torch.equal(after[k], before[k]), f"optimizer state {k} moved on a non-finite loss"
     assert not hasattr(opts.shared, "found_inf")
     opts.zero_grad()
-    graphs.step_body(model, opts, x, y)
+    captured_body(model, opts, x, y)
     assert not torch.equal(next(model.parameters()), next(iter(params.values())))
     assert next(iter(opts.shared.state.values()))["step"].item() == 2
 
@@ -289,7 +292,7 @@ def test_training_state_restore_undoes_warm_up_steps(one_torch_thread, resumed):
     saved = graphs.TrainingState(a, oa, torch.device("cpu"))
     for _ in range(2):
         oa.zero_grad()
-        graphs.step_body(a, oa, x, y)
+        captured_body(a, oa, x, y)
     tensors = [v for st in oa.shared.state.values() for v in st.values()]
     saved.restore()
     assert all(v is w for v, w in zip(tensors, [v for st in oa.shared.state.values() for v in st.values()]))

@@ -76,7 +76,7 @@ def dt_model(execution, embedding="onehot", T=4):
 
 
 def one_step(model, schedule="all-blocks", chunk_size=2, x=None, y=None):
-    cfg = TrainConfig(lr=1e-3, schedule=schedule, chunk_size=chunk_size, T=model.T)
+    cfg = TrainConfig(lr=1e-3, mode=schedule, chunk_size=chunk_size, T=model.T)
     opts = Optimizers(model, cfg)
     x, y = (x, y) if x is not None else batch(B=24, image_shape=(1, 16, 16))
     torch.manual_seed(42)

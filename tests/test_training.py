@@ -67,7 +67,7 @@ def test_local_loss_is_weighted_sum_over_dims():
 
 def test_sequential_schedule_leaves_idle_blocks_untouched():
     model = tiny_dt()
-    cfg = TrainConfig(schedule="sequential", T=model.T, weight_decay=0.1)
+    cfg = TrainConfig(mode="sequential", T=model.T, weight_decay=0.1)
     opts = Optimizers(model, cfg)
     x, y = batch()
     train_step(model, opts, x, y)  # every block gets momentum once
@@ -87,7 +87,7 @@ def test_all_blocks_shared_lr_is_scaled_by_T():
     blocks_group, shared_group = opts.shared.param_groups
     assert shared_group["lr"] == pytest.approx(1e-3 * model.T) and blocks_group["lr"] == pytest.approx(1e-3)
     assert len(blocks_group["params"]) == len(list(model.blocks.parameters()))
-    seq = Optimizers(model, TrainConfig(T=model.T, schedule="sequential"))
+    seq = Optimizers(model, TrainConfig(T=model.T, mode="sequential"))
     assert seq.shared.param_groups[0]["lr"] == pytest.approx(1e-3)
     assert seq.blocks[0].param_groups[0]["lr"] == pytest.approx(1e-3)
 
@@ -106,7 +106,7 @@ def test_chunked_and_lean_steps_equal_the_parallel_step(schedule):
         for mod in model.modules():  # identical dropout masks need identical RNG use: switch dropout off
             if isinstance(mod, torch.nn.Dropout):
                 mod.p = 0.0
-        cfg = TrainConfig(T=model.T, schedule=mode, chunk_size=3)
+        cfg = TrainConfig(T=model.T, mode=mode, chunk_size=3)
         opts = Optimizers(model, cfg)
         torch.manual_seed(7)
         loss = train_step(model, opts, x, y, chunk_size=cfg.chunk)
@@ -123,7 +123,7 @@ def test_chunked_and_lean_steps_equal_the_parallel_step(schedule):
 def test_short_training_learns_synthetic_data(method, schedule):
     split = synthetic(image_shape=(1, 16, 16), num_classes=4, train_size=512, test_size=128, noise=0.5)
     # 64 minibatches; the linear readout of z_T is what learns last, so give it a larger step here
-    cfg = TrainConfig(method=method, schedule=schedule, T=3, epochs=4, batch_size=32, shared_lr_scale=10)
+    cfg = TrainConfig(method=method, mode=schedule, T=3, epochs=4, batch_size=32, shared_lr_scale=10)
     model, history = fit(cfg, split, progress=False, log=lambda *_: None)
     assert len(history) == 4
     assert history[-1]["test_acc"] > 0.6  # chance is 0.25
@@ -132,7 +132,7 @@ def test_short_training_learns_synthetic_data(method, schedule):
 
 
 def test_backprop_baseline_training_reduces_its_loss():
-    # The same-architecture baseline optimises slowly (method doc §2): check it learns, not how fast.
+    # The same-architecture baseline optimises slowly (docs/method.md §9): check it learns, not how fast.
     split = synthetic(image_shape=(1, 16, 16), num_classes=4, train_size=256, test_size=64, noise=0.5)
     cfg = TrainConfig(method="backprop", T=3, epochs=3, batch_size=32)
     _, history = fit(cfg, split, progress=False, log=lambda *_: None)
@@ -185,3 +185,38 @@ def test_evaluate_returns_fraction():
     model = tiny_dt(T=2, m=4, image_shape=(1, 16, 16))
     acc = evaluate(model, split.test)
     assert 0.0 <= acc <= 1.0
+
+
+@pytest.mark.parametrize("brought,asked,threaded", [("auto", "loop", False), ("loop", "threads", True)])
+def test_fit_applies_cfg_execution_to_a_model_the_user_brings(monkeypatch, brought, asked, threaded):
+    """The config owns the execution of a run: a model built with another one runs as cfg says."""
+    from noprop import engine
+
+    calls = []
+    real = engine.run_threaded
+    monkeypatch.setattr(engine, "run_threaded", lambda *a, **k: calls.append(1) or real(*a, **k))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)  # auto on a CPU with two threads would run block threads
+    try:
+        model = tiny_dt()
+        model.execution = brought
+        split = synthetic((1, 4, 4), num_classes=5, train_size=32, test_size=8)
+        cfg = TrainConfig(T=model.T, epochs=1, batch_size=16, execution=asked)
+        fit(cfg, split, model=model, progress=False, log=lambda s: None)
+    finally:
+        torch.set_num_threads(previous)
+    assert model.execution == asked
+    assert bool(calls) == threaded
+
+
+def test_fit_rejects_vmap_for_blocks_that_cannot_stack():
+    from noprop.embeddings import make_embedding
+    from noprop.models import NoPropDT
+    from noprop.schedule import DTSchedule
+    from tests.helpers import TinyBlock
+
+    emb = make_embedding("onehot", 5)
+    model = NoPropDT(lambda t: TinyBlock(16, emb.dim, 5, width=8 * t), emb, DTSchedule.cosine(3))
+    split = synthetic((1, 4, 4), num_classes=5, train_size=32, test_size=8)
+    with pytest.raises(ValueError, match="execution 'vmap': cannot stack these blocks: block 2 differs"):
+        fit(TrainConfig(T=3, epochs=1, execution="vmap"), split, model=model, progress=False, log=lambda s: None)

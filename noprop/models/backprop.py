@@ -1,4 +1,4 @@
-"""Backprop baselines (method doc §2).
+"""Backprop baselines (docs/method.md §9).
 
 `BackpropDT`: the paper's same-architecture baseline — the same T blocks and head trained end to
 end through z_t = (1 − a_t)·z_{t−1} + a_t·û_t(z_{t−1}, x), a_t = tanh(w_t) learnable, z_0 ~ N(0, I).

@@ -1,4 +1,4 @@
-"""NoProp-CT and NoProp-FM (method doc §3): one network û(z_t, x, t), per-sample t ~ U(0, 1).
+"""NoProp-CT and NoProp-FM (docs/method.md §10): one network û(z_t, x, t), per-sample t ~ U(0, 1).
 
 Both models take any network `net` with forward(x [B, ...], z [B, d], t [B]) -> logits [B, m]
 (the paper's is `CTBlock`). Training samples z_t from the label, never from a chain: inference is
@@ -133,7 +133,7 @@ class NoPropCT(_Continuous):
     Adam. The paper leaves the learning rates open; its runs take ~47k steps (MNIST, 100 epochs)
     where a 4k-image set gets ~30 per epoch, and at lr 1e-3 the linear readout of z_1 — not the
     network — then limits test accuracy for the first tens of epochs (measured: docs/continuous.md).
-    NoProp-DT's all-blocks mode scales its head's learning rate by T = 10 for a similar reason.
+    NoProp-DT's parallel mode scales its head's learning rate by T = 10 for a similar reason.
     """
 
     def __init__(self, net: nn.Module, embedding: ClassEmbedding, schedule: CTSchedule | None = None,

@@ -1,4 +1,4 @@
-"""The network of NoProp-CT and NoProp-FM (method doc §3): one block that also takes the time t.
+"""The network of NoProp-CT and NoProp-FM (docs/method.md §10): one block that also takes the time t.
 
 forward(x [B, C, H, W], z [B, d], t [B]) -> logits [B, m]. NoProp-CT turns the logits into
 û = softmax(logits) · W, NoProp-FM into a velocity v = logits · W (no softmax). Any module with

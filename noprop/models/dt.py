@@ -19,15 +19,15 @@ from noprop.embeddings import ClassEmbedding
 from noprop.models.dropout import Dropout, block_key, keyed_masks
 from noprop.models.inputs import check_images, check_runs
 from noprop.ops import denoise_step, local_loss, new_seed, noise_inject
-from noprop.profile import stage
+from noprop.stages import stage
 from noprop.schedule import DTSchedule
 
 
 def _rows(ts: Sequence[int]) -> slice | list[int]:
     """0-based rows of blocks ts (1-based): a slice when they are consecutive (every block, a chunk, one
     block), else a list. A slice indexes a device tensor with no host-to-device copy of an index,
-    which keeps the all-blocks step free of host syncs, so it can be captured in a CUDA graph
-    (noprop.graphs)."""
+    which keeps the parallel step free of host syncs, so it can be captured in a CUDA graph
+    (noprop.training.graphs)."""
     ts = list(ts)
     if ts == list(range(ts[0], ts[0] + len(ts))):
         return slice(ts[0] - 1, ts[0] - 1 + len(ts))

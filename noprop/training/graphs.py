@@ -1,6 +1,6 @@
 """One whole NoProp-DT (or backprop baseline) training step captured in a CUDA graph (`--cuda-graph`).
 
-A NoProp-DT step in the parallel / all-blocks mode is a fixed sequence of a few hundred small
+A NoProp-DT step in the parallel mode is a fixed sequence of a few hundred small
 kernels per minibatch (noise for z_0..z_T, T block forwards, the losses, T block backwards, one
 fused AdamW); at small batches the GPU waits on Python to launch them. `CapturedStep` records that
 sequence once with `torch.cuda.CUDAGraph` and then replays it with one launch per step, following
@@ -45,64 +45,11 @@ import torch
 
 from noprop import dispatch
 from noprop.models import BackpropDT, NoPropDT
-from noprop.ops import new_seed
 from noprop.ops.checks import labels as check_labels
-from noprop.profile import stage
+from noprop.training.config import WHY_ONLY_PARALLEL
+from noprop.training.step import captured_body, skips_nonfinite
 
-# The NoProp-DT modes whose step is captured (the backprop baseline's is too), and why only these.
-SCHEDULES = ("all-blocks", "parallel")
-METHODS = ("dt", "backprop")
-WHY_ONLY_PARALLEL = (
-    "CUDA graphs capture NoProp-DT's parallel / all-blocks step only (--method dt --mode parallel or all-blocks), "
-    "and the backprop baseline's end-to-end step (--method backprop): each is one fixed sequence of kernels per "
-    "minibatch with one optimizer. Sequential (Algorithm 1) trains a different block with its own optimizer on "
-    "each pass, chunked and lean exist to cut memory rather than launches and have not been made capture-safe, "
-    "and the cnn baseline and CT/FM are not captured either")
 _HYPER = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
-
-
-def step_body(model: NoPropDT | BackpropDT, opts, x: torch.Tensor, y: torch.Tensor):
-    """The parallel-mode update on (x, y) as device work only, no host sync: what gets captured.
-
-    Equals `train_step(model, opts, x, y)` after `opts.zero_grad()` on CUDA: one seed drawn on x's
-    device, every block's loss + CE + KL, backward, one optimizer step. For the backprop baseline:
-    its end-to-end loss, backward, optimizer step (seed None: its noise comes from torch's generator,
-    which a replay advances like any captured draw). (On CPU, where the tests
-    run this body, train_step also keys the blocks' dropout masks by the seed; this body draws them
-    from torch's generator, as CUDA's train_step does: reading the seed would be a host sync.) With fused optimizers the step is
-    skipped on the device when the loss is not finite (`found_inf`); the caller reads the loss and
-    raises. Returns (loss, seed) as detached tensors.
-    """
-    if isinstance(model, NoPropDT):
-        seed = new_seed(x.device)
-        loss = model.losses(x, y, seed=seed).total
-    else:
-        seed = None
-        with stage("noprop.block_forward"):
-            loss = model.loss(x, y)
-    with stage("noprop.backward"):
-        loss.backward()
-    loss = loss.detach()
-    optimizers = opts.all()
-    fused = skips_nonfinite(opts)
-    with stage("noprop.optimizer"):
-        if fused:  # skip a non-finite update on the device, as GradScaler does for fused optimizers
-            found_inf = (~torch.isfinite(loss)).to(torch.float32)
-            for opt in optimizers:
-                opt.found_inf = found_inf
-        try:
-            opts.step()
-        finally:
-            if fused:
-                for opt in optimizers:
-                    del opt.found_inf
-    return loss, seed
-
-
-def skips_nonfinite(opts) -> bool:
-    """Whether `step_body` can skip a non-finite update on the device: only fused optimizers take
-    `found_inf`; others apply the update and the caller's error comes after it."""
-    return all(group.get("fused") for opt in opts.all() for group in opt.param_groups)
 
 
 class TrainingState:
@@ -207,7 +154,7 @@ class CapturedStep:
                 with torch.cuda.stream(side):
                     for _ in range(warmup):  # also where a bad example batch raises its clear error
                         opts.zero_grad()
-                        step_body(model, opts, self.x, self.y)
+                        captured_body(model, opts, self.x, self.y)
         finally:
             torch.cuda.current_stream(self.device).wait_stream(side)
             saved.restore()  # the warm-up trained nothing: parameters, optimizer state and RNG as they were
@@ -216,7 +163,7 @@ class CapturedStep:
         opts.zero_grad()  # grads None: the captured backward allocates them in the graph's pool and writes them
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.loss, self.seed = step_body(model, opts, self.x, self.y)
+            self.loss, self.seed = captured_body(model, opts, self.x, self.y)
 
     def _hyper(self):
         return [[tuple(group.get(k) for k in _HYPER) for group in opt.param_groups] for opt in self.opts.all()]

@@ -1,0 +1,217 @@
+"""Measuring one bench case: its step, timing, peak memory and the bytes saved for backward."""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from noprop import engine
+from noprop.bench.plan import Case
+from noprop.stages import sync
+from noprop.data import load
+from noprop.models import NoPropDT
+from noprop.training import CapturedStep, Optimizers, TrainConfig, build_model, train_step
+from noprop.training.config import blocks_per_step, epoch_plan
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+class SavedTensorMeter:
+    """Peak bytes of autograd-saved tensors alive at once (saved_tensors_hooks). Storages are counted
+    once however often they are saved; parameters (alive anyway) are excluded."""
+
+    def __init__(self, params=()):
+        self.exclude = {p.untyped_storage().data_ptr() for p in params}
+        self.refs: dict = {}
+        self.current = self.peak = 0
+        self.lock = threading.RLock()  # threaded execution saves from several threads at once
+
+    def _add(self, key, nbytes):
+        with self.lock:
+            n, _ = self.refs.get(key, (0, nbytes))
+            if n == 0:
+                self.current += nbytes
+                self.peak = max(self.peak, self.current)
+            self.refs[key] = (n + 1, nbytes)
+
+    def _drop(self, key):
+        with self.lock:
+            n, nbytes = self.refs[key]
+            if n == 1:
+                del self.refs[key]
+                self.current -= nbytes
+            else:
+                self.refs[key] = (n - 1, nbytes)
+
+    def pack(self, t):
+        try:
+            st = t.untyped_storage()
+            key, nbytes = (st.data_ptr(), st.device), st.nbytes()
+        except (RuntimeError, NotImplementedError):  # a wrapper without storage: count its elements
+            key, nbytes = ("id", id(t)), t.numel() * t.element_size()
+        if key[0] in self.exclude:
+            return t
+        return _Saved(self, key, nbytes, t)
+
+    @staticmethod
+    def unpack(h):
+        return h.tensor if isinstance(h, _Saved) else h
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+class _Saved:
+    __slots__ = ("meter", "key", "tensor")
+
+    def __init__(self, meter, key, nbytes, tensor):
+        self.meter, self.key, self.tensor = meter, key, tensor
+        meter._add(key, nbytes)
+
+    def __del__(self):  # the graph released this saved tensor (after its backward)
+        self.meter._drop(self.key)
+
+
+def _minibatches(data: str, batch: int, device, count: int = 4):
+    split = load(data)
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(count):
+        idx = torch.randint(0, len(split.train), (batch,), generator=g)
+        out.append((split.train.images[idx].to(device), split.train.labels[idx].to(device)))
+    return split, out
+
+
+def _nvml_process_mb(device) -> float | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", "") or "")
+        # By UUID: CUDA's ordinals follow CUDA_VISIBLE_DEVICES / CUDA_DEVICE_ORDER, NVML's do not.
+        handle = (pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+                  if uuid else pynvml.nvmlDeviceGetHandleByIndex(index))
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
+                return proc.usedGpuMemory / 2**20
+    except Exception:  # no permission, MIG, driver mismatch: NVML is a bonus, not a requirement
+        return None
+    return None
+
+
+def step_factory(case: Case, data: str, batch: int, T: int, chunk_size: int, device):
+    """(model, config, step): `step()` runs one benchmark step of `case` on cycling minibatches.
+
+    One step is equal work (see the module docstring): T block updates on one minibatch in the
+    parallel/chunked/lean modes, one end-to-end update for backprop, and for Algorithm 1
+    (sequential) T iterations that each update one block on its own minibatch. A graph case
+    captures its step here (warm-up and capture happen before any timed step) and replays it.
+    """
+    torch.manual_seed(0)
+    split, mbs = _minibatches(data, batch, device)
+    cfg = TrainConfig(method=case.method, mode=case.mode if case.method == "dt" else "parallel",
+                      T=T, batch_size=batch, chunk_size=chunk_size,
+                      execution="auto" if case.execution == "-" else case.execution, device=str(device),
+                      cuda_graph=case.graph)
+    model = build_model(cfg, split.image_shape, split.num_classes, split.train).to(device)
+    optimizers = Optimizers(model, cfg)
+    model.train()
+    if case.graph:
+        captured = CapturedStep(model, optimizers, *mbs[0])
+        cursor = [0]
+
+        def replay():
+            x, y = mbs[cursor[0] % len(mbs)]
+            cursor[0] += 1
+            captured(x, y)  # reads the loss like train_step does: one host sync per step in both
+
+        return model, cfg, replay
+    plan = epoch_plan(case.mode, T) if case.method == "dt" else [None]
+    chunk = cfg.chunk if case.method == "dt" else None
+    cursor = [0]
+
+    def step():
+        for blocks in plan:
+            x, y = mbs[cursor[0] % len(mbs)]
+            cursor[0] += 1
+            train_step(model, optimizers, x, y, blocks, None if blocks else chunk)
+
+    return model, cfg, step
+
+
+def measure(case: Case, opts: dict, saved: bool = True) -> dict:
+    """Warmup + `steps` timed steps of `case`: ms per step, peak memory, and (saved=True) the peak
+    saved-for-backward bytes of one more step."""
+    torch.set_num_threads(opts["threads"])
+    device = torch.device(opts["device"])
+    rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        gc.collect()  # the previous in-process case's model may sit in reference cycles: free it first
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    model, cfg, step = step_factory(case, opts["data"], opts["batch"], opts["T"], opts["chunk_size"], device)
+    is_dt = isinstance(model, NoPropDT)
+
+    for _ in range(opts["warmup"]):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(opts["steps"]):
+        step()
+    sync(device)
+    ms = (time.perf_counter() - t0) * 1e3 / opts["steps"]
+    out = {"ms_per_step": ms, "rss_base_mb": rss_base}
+    if saved and not case.graph:  # a replay runs no autograd hooks: nothing to meter (the same step as parallel)
+        meter = SavedTensorMeter(model.parameters())
+        with meter.hooks():
+            step()
+        out["saved_mb"] = meter.peak / 2**20
+    if is_dt:
+        k = blocks_per_step(case.mode, model.T, cfg.chunk_size)
+        out["execution_used"] = engine.resolve(model.execution, list(model.blocks)[:max(1, min(k, model.T))], device)
+    else:
+        out["execution_used"] = "-"
+    if device.type == "cuda":
+        out["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        out["peak_mem_kind"] = "torch.cuda.max_memory_allocated"
+        out["reserved_mem_mb"] = torch.cuda.max_memory_reserved(device) / 2**20  # + the caching allocator's slack
+        out["nvml_mem_mb"] = _nvml_process_mb(device)
+    else:
+        out["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out["peak_mem_kind"] = "ru_maxrss of this config's own process" if opts["isolated"] else \
+            "ru_maxrss of the shared process (not isolated: includes earlier configs)"
+    return out
+
+
+def run_isolated(case: Case, opts: dict, saved: bool, timeout: float | None) -> dict:
+    payload = json.dumps({"case": asdict(case), "opts": opts, "saved": saved})
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "noprop.bench", "--worker", payload], capture_output=True,
+                              text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": f"worker exited {proc.returncode}: {' | '.join(tail)}"}
+    return json.loads(lines[-1])
+
+
+def worker(payload: str) -> int:
+    job = json.loads(payload)
+    res = measure(Case(**job["case"]), job["opts"], job["saved"])
+    print(json.dumps(res), flush=True)
+    return 0

@@ -1,0 +1,203 @@
+"""`noprop bench`'s records: the environment, summaries over rounds, ratios to backprop, the table
+and the JSON / CSV files."""
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+
+import torch
+
+from noprop.atomic import write_text_atomically
+from noprop.bench.plan import DT_MODES, EXECUTIONS, Case
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+CSV_COLUMNS = ("method", "mode", "execution", "execution_used", "cuda_graph", "device", "device_name", "batch", "T",
+               "chunk_size", "threads", "steps", "repeats", "ms_per_step", "ms_min", "ms_max", "ms_q25",
+               "ms_q75", "ms_all", "samples_per_s", "samples_per_s_min", "samples_per_s_max", "ms_per_block_update",
+               "ratio_to_backprop", "ratio_base", "mem_ratio_to_backprop", "saved_ratio_to_backprop", "peak_mem_mb",
+               "peak_mem_kind", "rss_base_mb", "reserved_mem_mb", "nvml_mem_mb", "saved_mb", "equal_work", "isolated", "torch",
+               "cuda", "triton", "backend", "data", "loadavg_1min", "commit", "dirty", "timestamp", "error")
+
+
+def _git(*args) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # no getloadavg, or a sandbox without /proc/loadavg
+        return None
+
+
+def environment(device: torch.device, threads: int) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    commit = _git("rev-parse", "--short", "HEAD")
+    if os.environ.get("NOPROP_COMMIT"):  # a copied tree whose .git is stale (the lent GPU machines)
+        commit, status = os.environ["NOPROP_COMMIT"], ""
+    return {"device": device.type, "device_name": device_name(device), "threads": threads,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
+            "python": platform.python_version(), "backend": os.environ.get("NOPROP_BACKEND", "auto"),
+            "loadavg_1min": _loadavg(),
+            "commit": commit, "dirty": bool(status) if status is not None else None,
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _quantiles(values):
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def summarise(case: Case, runs: list[dict], opts: dict, env: dict) -> dict:
+    ok = [r for r in runs if "error" not in r]
+    rec = {"method": case.method, "mode": case.mode, "execution": case.execution, "label": case.label,
+           "cuda_graph": case.graph,
+           **env, "batch": opts["batch"], "T": opts["T"], "chunk_size": opts["chunk_size"], "steps": opts["steps"],
+           "warmup": opts["warmup"], "repeats": len(ok), "data": opts["data"], "isolated": opts["isolated"],
+           "equal_work": case.method != "cnn",
+           "block_updates_per_step": opts["T"] if case.method != "cnn" else None}
+    if not ok:
+        return {**rec, "error": runs[0].get("error") if runs else "not run", "samples_per_s": None,
+                "ms_per_step": None, "peak_mem_mb": None}
+    ms = [r["ms_per_step"] for r in ok]
+    q25, q75 = _quantiles(ms)
+    med = statistics.median(ms)
+    saved = [r["saved_mb"] for r in ok if "saved_mb" in r]
+    nvml = [r["nvml_mem_mb"] for r in ok if r.get("nvml_mem_mb") is not None]
+    reserved = [r["reserved_mem_mb"] for r in ok if r.get("reserved_mem_mb") is not None]
+    rec.update(ms_per_step=med, ms_min=min(ms), ms_max=max(ms), ms_q25=q25, ms_q75=q75, ms_all=ms,
+               samples_per_s=opts["batch"] * 1e3 / med, samples_per_s_min=opts["batch"] * 1e3 / max(ms),
+               samples_per_s_max=opts["batch"] * 1e3 / min(ms),
+               ms_per_block_update=med / opts["T"] if case.method != "cnn" else None,
+               peak_mem_mb=max(r["peak_mem_mb"] for r in ok), peak_mem_kind=ok[0]["peak_mem_kind"],
+               rss_base_mb=min(r["rss_base_mb"] for r in ok), nvml_mem_mb=max(nvml) if nvml else None,
+               reserved_mem_mb=max(reserved) if reserved else None,
+               saved_mb=saved[0] if saved else None, execution_used=ok[0]["execution_used"])
+    if len(ok) < len(runs):
+        rec["error"] = f"{len(runs) - len(ok)} of {len(runs)} repeats failed: {next(r for r in runs if 'error' in r)['error']}"
+    return rec
+
+
+def add_ratios(records: list[dict], per_round: dict) -> None:
+    """Throughput, memory and saved-bytes ratios to backprop; throughput per round (side by side).
+
+    Like for like: a dt case replayed as a CUDA graph is compared with backprop+graph when that was
+    measured (`ratio_base` names the baseline each record was divided by)."""
+    bases = {label: next((r for r in records if r["label"] == label and r.get("ms_per_step")), None)
+             for label in ("backprop", "backprop+graph")}
+    for rec in records:
+        rec["ratio_to_backprop"] = rec["mem_ratio_to_backprop"] = rec["saved_ratio_to_backprop"] = None
+        label = "backprop+graph" if rec.get("cuda_graph") and rec["method"] == "dt" and bases["backprop+graph"] \
+            else "backprop"
+        base = bases[label]
+        rec["ratio_base"] = label if base is not None else None
+        if base is None or not rec.get("ms_per_step"):
+            continue
+        pairs = [(b["ms_per_step"], c["ms_per_step"]) for b, c in zip(per_round[label], per_round[rec["label"]])
+                 if "ms_per_step" in b and "ms_per_step" in c]
+        ratios = [b / c for b, c in pairs]  # > 1: faster than backprop
+        rec["ratio_to_backprop"] = statistics.median(ratios) if ratios else base["ms_per_step"] / rec["ms_per_step"]
+        rec["ratio_to_backprop_min"] = min(ratios) if ratios else None
+        rec["ratio_to_backprop_max"] = max(ratios) if ratios else None
+        if rec["peak_mem_mb"] and base["peak_mem_mb"]:
+            if rec["device"] == "cpu" and rec.get("rss_base_mb") is not None and base.get("rss_base_mb") is not None:
+                mine, theirs = rec["peak_mem_mb"] - rec["rss_base_mb"], base["peak_mem_mb"] - base["rss_base_mb"]
+                rec["mem_ratio_to_backprop"] = mine / theirs if theirs > 0 else None  # RSS above the baseline
+            else:
+                rec["mem_ratio_to_backprop"] = rec["peak_mem_mb"] / base["peak_mem_mb"]
+        if rec.get("saved_mb") and base.get("saved_mb"):
+            rec["saved_ratio_to_backprop"] = rec["saved_mb"] / base["saved_mb"]
+
+
+def records_so_far(cases, per_round: dict, opts: dict, env: dict) -> list[dict]:
+    """Summaries of the cases measured so far (at least one round), with their ratios to backprop."""
+    records = [summarise(c, per_round[c.label], opts, env) for c in cases if per_round[c.label]]
+    add_ratios(records, per_round)
+    return records
+
+
+def table(records: list[dict]) -> str:
+    head = f"{'config':<22}{'ms/step':>10}{'[min-max]':>18}{'samples/s':>11}{'x backprop':>11}" \
+           f"{'peak MB':>9}{'saved MB':>10}{'x bp saved':>11}"
+    lines = [head, "-" * len(head)]
+    for r in records:
+        if not r.get("ms_per_step"):
+            lines.append(f"{r['label']:<22}  error: {r.get('error')}")
+            continue
+        ratio = f"{r['ratio_to_backprop']:.2f}" if r.get("ratio_to_backprop") else "-"
+        sratio = f"{r['saved_ratio_to_backprop']:.2f}" if r.get("saved_ratio_to_backprop") else "-"
+        saved = f"{r['saved_mb']:.1f}" if r.get("saved_mb") is not None else "-"
+        spread = f"[{r['ms_min']:.0f}-{r['ms_max']:.0f}]"
+        lines.append(f"{r['label']:<22}{r['ms_per_step']:>10.1f}{spread:>18}"
+                     f"{r['samples_per_s']:>11.1f}{ratio:>11}{r['peak_mem_mb']:>9.0f}{saved:>10}{sratio:>11}")
+    if any(r.get("ratio_base") == "backprop+graph" for r in records):
+        lines.append("(+graph rows: x backprop is against backprop+graph, replay against replay)")
+    return "\n".join(lines)
+
+
+def execution_verdict(records: list[dict]) -> list[str]:
+    """Per mode measured more than one way (loop, vmap, threads): which execution wins here."""
+    out = []
+    by = {(r["mode"], r["execution"]): r for r in records
+          if r["method"] == "dt" and r.get("ms_per_step") and not r.get("cuda_graph")}
+    for mode in DT_MODES:
+        measured = sorted((r["ms_per_step"], ex, r) for ex in EXECUTIONS if (r := by.get((mode, ex))))
+        if len(measured) > 1:
+            (best_ms, best, rec), (next_ms, runner_up, _) = measured[0], measured[1]
+            times = ", ".join(f"{ex} {ms:.1f} ms" for ms, ex, _ in measured)
+            out.append(f"{mode}: {best} wins on {rec['device']} ({next_ms / best_ms:.2f}x faster than {runner_up}; "
+                       f"{times})")
+    return out
+
+
+def _rounded(v):
+    if isinstance(v, float):
+        return round(v, 4)
+    if isinstance(v, list):
+        return [_rounded(x) for x in v]
+    return v
+
+
+def write_outputs(records: list[dict], json_path=None, csv_path=None) -> None:
+    records = [{k: _rounded(v) for k, v in r.items()} for r in records]
+    if json_path:
+        write_text_atomically(json_path, json.dumps(records, indent=1) + "\n")
+    if csv_path:
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in records:
+            w.writerow({k: r.get(k) for k in CSV_COLUMNS})
+        write_text_atomically(csv_path, buf.getvalue())
+
+
