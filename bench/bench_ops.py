@@ -1,8 +1,12 @@
 """Microbenchmarks of NoProp's fused ops, per op x backend.
 
-1. pytest-benchmark (``pytest bench/bench_ops.py --benchmark-only``): eager always; triton and cuda
-   only on a CUDA device (skipped with the reason otherwise: Triton's CPU interpreter is a test
-   vehicle, not something to time).
+1. pytest-benchmark (``python -m pytest bench/bench_ops.py``; pytest.ini's testpaths leave bench/
+   out of a plain ``pytest``): every op x backend, grouped per op so a group's table puts the
+   backends side by side, plus the torch.randn composition (see 2.) for the ops that draw noise.
+   On a CUDA device at K=11, B=4096, m=10, d=784, every backend that can run (bench/gpu_check.sh);
+   without one at a small CPU shape, eager and torch only (Triton's CPU interpreter is a test
+   vehicle, not something to time). CI runs it with ``--benchmark-disable``: each case runs once,
+   a smoke test of this file and of every op at the bench's shapes.
 2. ``python bench/bench_ops.py OUT_DIR [--dtype bfloat16]`` on a GPU: times every op x backend
    (eager composition, triton, cuda extension when loaded) with ``triton.testing.do_bench`` at
    K=11, B=4096, m=10 and d=10 / d=784 (plus NoProp-FM's variants: local_loss without softmax and
@@ -72,19 +76,14 @@ def torch_baseline(op: str, args: tuple):
 
 def op_function(backend: str, op: str):
     """The backend's function that `op` (a row name, variants included) times."""
-    return getattr(backend_module(backend), VARIANTS.get(op, op))
-_MODULES = {"eager": "noprop.ops.eager", "triton": "noprop.kernels.triton", "cuda": "noprop.kernels.cuda"}
+    return getattr(dispatch.backend_module(backend), VARIANTS.get(op, op))
+
 
 
 def backend_reason(backend: str, device: torch.device) -> str | None:
     if backend == "triton" and device.type != "cuda":
         return "Triton is benchmarked on CUDA devices only (the CPU interpreter is not a benchmark)"
     return dispatch.why_unavailable(backend, device)
-
-
-def backend_module(backend: str):
-    import importlib
-    return importlib.import_module(_MODULES[backend])
 
 
 def make_case(op: str, K: int, B: int, m: int, d: int, dtype: torch.dtype, device) -> tuple[tuple, int]:
@@ -220,10 +219,18 @@ def main(argv=None) -> int:
     return 0
 
 
-# ---- pytest-benchmark: pytest bench/bench_ops.py --benchmark-only ----------------------------------
+# ---- pytest-benchmark: python -m pytest bench/bench_ops.py [--benchmark-disable] ----------------------
+
+PYTEST_CPU_CONFIG = (4, 64, 10, 20)  # (K, B, m, d): the eager CPU reference draws noise with int64 ops
+
+
+def pytest_case(device: torch.device) -> tuple[int, int, int, int]:
+    """(K, B, m, d) the pytest-benchmark cases time on `device`."""
+    return CONFIGS[-1] if device.type == "cuda" else PYTEST_CPU_CONFIG
+
 
 def _bench_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 try:
@@ -232,23 +239,29 @@ except ImportError:  # running as a script without pytest installed
     pytest = None
 
 if pytest is not None:
-    @pytest.mark.parametrize("backend", dispatch.BACKENDS)
+    @pytest.mark.parametrize("backend", ("torch",) + dispatch.BACKENDS)
     @pytest.mark.parametrize("op", OPS)
     def test_bench(benchmark, op, backend):
         device = _bench_device()
-        reason = backend_reason(backend, device)
-        if reason:
-            pytest.skip(reason)
-        K, B, m, d = (11, 4096, 10, 784) if device.type == "cuda" else CPU_CONFIG
+        K, B, m, d = pytest_case(device)
         args, nbytes = make_case(op, K, B, m, d, torch.float32, device)
-        fn = op_function(backend, op)
+        if backend == "torch":
+            fn = torch_baseline(op, args)
+            if fn is None:
+                pytest.skip(f"{op} draws no noise: its eager composition is the plain torch one")
+        else:
+            reason = backend_reason(backend, device)
+            if reason:
+                pytest.skip(reason)
+            fn = op_function(backend, op)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
         def call():
             fn(*args)
             sync()
         call()  # compile / warm up outside the timing
-        benchmark.extra_info.update(K=K, B=B, m=m, d=d, bytes=nbytes)
+        benchmark.group = f"{op} K={K} B={B} m={m} d={d} float32 on {device.type}"
+        benchmark.extra_info.update(op=op, backend=backend, K=K, B=B, m=m, d=d, bytes=nbytes)
         benchmark(call)
 
 

@@ -163,6 +163,8 @@ else
 fi
 
 # 3. benchmarks ----------------------------------------------------------------------------------
+HAVE_PYTEST_BENCHMARK=0
+timeout 60 "$PYTHON" -c 'import pytest_benchmark' 2>/dev/null && HAVE_PYTEST_BENCHMARK=1
 if [[ $DRY == 0 ]]; then
   # Most wanted first (a short budget skips the tail): the op roofline, training throughput and
   # memory against backprop with the CUDA-graph step, the profile; then the rest.
@@ -177,10 +179,22 @@ if [[ $DRY == 0 ]]; then
   # The same DT step with each op backend (end-to-end effect of the fused kernels).
   step bench-backends 100 bash -c "rc=0; for b in eager triton cuda; do echo \"== NOPROP_BACKEND=\$b\"; NOPROP_BACKEND=\$b ${NOPROP[*]} bench --device cuda --batch 1024 --methods dt,backprop --modes parallel,lean --repeats 2 --json '$OUT/bench_backend_'\$b.json || { echo \"backend \$b failed\"; rc=1; }; done; exit \$rc"
   step bench-ops-bf16 60 "$PYTHON" bench/bench_ops.py "$OUT/ops_bf16" --dtype bfloat16
+  # The same ops as pytest-benchmark cases (every backend side by side per op, d=784), kept as JSON.
+  if [[ $HAVE_PYTEST_BENCHMARK == 1 ]]; then
+    step bench-ops-pytest 60 env TRITON_INTERPRET=0 "$PYTHON" -m pytest -q -p no:cacheprovider bench/bench_ops.py \
+      --benchmark-max-time=0.25 --benchmark-json "$OUT/bench_ops_pytest.json"
+  else
+    skip bench-ops-pytest "pytest-benchmark is not installed (the bench or test extra)"
+  fi
 else
   step bench-b128 120 "${NOPROP[@]}" bench --quick --device cpu --execution both \
     --json "$OUT/bench_b128.json" --csv "$OUT/bench_b128.csv"
   step bench-ops 60 "$PYTHON" bench/bench_ops.py "$OUT/ops_fp32" --allow-cpu
+  if [[ $HAVE_PYTEST_BENCHMARK == 1 ]]; then
+    step bench-ops-pytest 60 "$PYTHON" -m pytest -q -p no:cacheprovider bench/bench_ops.py --benchmark-disable
+  else
+    skip bench-ops-pytest "pytest-benchmark is not installed (the bench or test extra)"
+  fi
   skip bench-b1024 "GPU-only (dry run)"
   skip bench-backends "GPU-only (dry run): only eager runs CPU tensors"
   step profile 60 "${NOPROP[@]}" profile --device cpu --steps 1 -T 3 --batch 16 --out "$OUT/profile"

@@ -158,13 +158,18 @@ def _choose(want: str, device: torch.device, dtypes) -> str:
 _MODULES = {"eager": "noprop.ops.eager", "triton": "noprop.kernels.triton", "cuda": "noprop.kernels.cuda"}
 
 
+def backend_module(backend: str):
+    """The module holding `backend`'s op functions (importing it compiles and loads nothing)."""
+    return importlib.import_module(_MODULES[backend])
+
+
 @functools.lru_cache(maxsize=None)
 def _chosen_module(device: torch.device, dtypes: tuple, want: str, interpreted: bool):
     """The module of the backend chosen for this key (a BackendUnavailable is raised, not cached).
     The module rather than the op's function: the function is read from it per call, one attribute
     lookup, so a function replaced on the module (a test's spy) is what runs."""
     floating = sorted({dt for dt in dtypes if dt is not None and dt.is_floating_point}, key=str)
-    return importlib.import_module(_MODULES[_choose(want, device, floating)])
+    return backend_module(_choose(want, device, floating))
 
 
 def forget_choices() -> None:

@@ -1,6 +1,7 @@
 """`python -m noprop.info` (and `noprop info`): which backend can run each op here, and why not.
 
-Prints the versions (torch, Triton, CUDA), the devices, and per device a table of every op in
+Prints the versions (torch, Triton, CUDA), whether NVML's Python binding (nvidia-ml-py, for the
+memory figures of `noprop bench`) is installed, the devices, and per device a table of every op in
 `noprop.ops.OPS` x every backend in `noprop.dispatch.BACKENDS`: "available" or a footnote with the
 reason from `dispatch.why_unavailable`, plus what `auto` picks for float32 and float64 inputs and
 how the engine's execution `auto` runs a step's blocks there.
@@ -23,6 +24,18 @@ def _triton_version() -> str:
         return triton.__version__
     except Exception as exc:  # not installed, or a broken driver raising at import
         return f"not importable ({type(exc).__name__})"
+
+
+def _nvml_status() -> str:
+    """Whether pynvml (the nvidia-ml-py package) imports: `noprop bench` reads the process's device
+    memory (its nvml_mem_mb) from NVML through it, and leaves it empty without."""
+    try:
+        import pynvml  # noqa: F401
+    except ImportError:
+        return "not installed: pip install nvidia-ml-py, or noprop's bench extra (noprop bench then has no NVML memory)"
+    except Exception as exc:  # noqa: BLE001 - a broken install
+        return f"installed but not importable ({type(exc).__name__}: {exc})".splitlines()[0]
+    return "installed (noprop bench reads the process's device memory from NVML)"
 
 
 def _devices() -> list[tuple[torch.device, str]]:
@@ -70,6 +83,7 @@ def report() -> str:
         f"CUDA devices visible: {torch.cuda.device_count() if torch.cuda.is_available() else 0}",
         f"  NOPROP_BACKEND={os.environ.get('NOPROP_BACKEND', 'auto')} (requested: {_requested()}) | "
         f"TRITON_INTERPRET={'on' if dispatch.triton_interpreted() else 'off'}",
+        f"  NVML (nvidia-ml-py): {_nvml_status()}",
     ]
     notes: list[str] = []
     width = max(len(op) for op in OPS) + 2

@@ -1,6 +1,7 @@
 """`noprop.info`: the op x backend availability report."""
 import subprocess
 import sys
+import types
 
 from noprop import dispatch, info
 from noprop.ops import OPS
@@ -40,3 +41,15 @@ def test_runs_as_a_module():
     done = subprocess.run([sys.executable, "-m", "noprop.info"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert all(op in done.stdout for op in OPS)
+
+
+def test_says_whether_nvml_is_installed(monkeypatch, capsys):
+    # Both states faked, so the test holds whether or not nvidia-ml-py is installed here.
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # None in sys.modules: import raises ImportError
+    info.main()
+    assert ("NVML (nvidia-ml-py): not installed: pip install nvidia-ml-py, or noprop's bench extra"
+            in capsys.readouterr().out)
+    monkeypatch.setitem(sys.modules, "pynvml", types.ModuleType("pynvml"))
+    info.main()
+    out = capsys.readouterr().out
+    assert "NVML (nvidia-ml-py): installed (" in out and "not installed" not in out
