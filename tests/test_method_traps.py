@@ -74,7 +74,7 @@ def assert_marginal(z, W, y, ab, what):
     v = (z - math.sqrt(ab) * W[y]).var(0)
     err = (v - var).abs().max().item()
     tol = 6 * var * math.sqrt(2 / (n - 1))
-    assert err < tol, f"{what}: variance {v.tolist()} differs from 1 − ᾱ = {var:.4g} by {err:.3g}, allowed {tol:.3g}"
+    assert err < tol, f"{what}: variance {v.tolist()} is {err:.3g} from 1 − ᾱ = {var:.4g}, allowed {tol:.3g}"
 
 
 def signal_coefficient(z, W, y):
