@@ -10,7 +10,7 @@ Availability is probed lazily on first use, never at import, so `import noprop` 
 without a GPU, a Triton driver or the CUDA extension.
 The op calls are launch-bound, so the choice is made once per (device, dtypes, requested backend,
 TRITON_INTERPRET on CPU) and remembered: a later call with the same key costs one cache lookup.
-`forget_choices()` drops what was remembered (the CUDA extension's `load()` calls it).
+`forget_choices()` drops what was remembered (a late `noprop.kernels.cuda.load()` calls it).
 """
 from __future__ import annotations
 
@@ -41,9 +41,17 @@ _TRITON_UNSUPPORTED_DTYPES = {
 
 def _unsupported_dtypes(backend: str) -> dict:
     if backend == "cuda":
-        from noprop.kernels.cuda import UNSUPPORTED_DTYPES
-        return UNSUPPORTED_DTYPES
+        return _cuda_extension().UNSUPPORTED_DTYPES
     return _TRITON_UNSUPPORTED_DTYPES if backend == "triton" else {}
+
+
+@functools.cache
+def _cuda_extension():
+    """noprop.kernels.cuda, imported on first need (it loads no library), and told to make dispatch
+    choose again if its `load()` makes the extension available later."""
+    import noprop.kernels.cuda as cuda
+    cuda.LOAD_LISTENERS.append(forget_choices)
+    return cuda
 
 
 class BackendUnavailable(RuntimeError):
@@ -122,8 +130,7 @@ def why_unavailable(backend: str, device: torch.device, dtype: torch.dtype | Non
         if device.type != "cuda":
             reason = f"the CUDA extension runs on CUDA tensors only, got {device.type} tensors"
         else:
-            from noprop.kernels.cuda import load_error
-            reason = load_error()
+            reason = _cuda_extension().load_error()
     else:
         raise ValueError(f"unknown backend {backend!r}")
     if reason is None and dtype is not None:

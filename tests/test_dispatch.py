@@ -240,3 +240,22 @@ def test_a_refusal_is_not_remembered(monkeypatch):
                 ops.local_loss(*_loss_args())
         reason["now"] = None
         assert ops.local_loss(*_loss_args()).shape == (2,)
+
+
+def test_a_late_cuda_load_makes_dispatch_choose_again(monkeypatch):
+    # load() after a failed first look (JIT build faked): choices made before it are dropped.
+    import noprop.kernels.cuda as cuda_ext
+    dispatch.why_unavailable("cuda", torch.device("cuda"))  # dispatch has looked at the extension
+    monkeypatch.setattr(cuda_ext, "_ensure_loaded", lambda: "faked: not built")
+    monkeypatch.setattr(cuda_ext, "_jit_build", lambda verbose: None)
+    monkeypatch.setattr(cuda_ext, "_register_fakes", lambda: None)
+    monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
+    monkeypatch.setitem(cuda_ext._state, "error", cuda_ext._state["error"])  # restored afterwards
+    probes = _count_probes(monkeypatch)
+    ops.local_loss(*_loss_args())
+    seen = len(probes)
+    ops.local_loss(*_loss_args())
+    assert len(probes) == seen
+    cuda_ext.load()
+    ops.local_loss(*_loss_args())
+    assert len(probes) > seen

@@ -31,6 +31,9 @@ _JIT_NAME = "noprop_cuda_jit"
 _BUILD_HINT = "build it with bench/build_cuda_ext.sh, `pip install --no-build-isolation .`, or NOPROP_CUDA_JIT=1"
 
 _lock = threading.RLock()
+# Called after `load()` builds the library late in a process: noprop.dispatch adds its
+# forget_choices, since ops that ran before chose their backend without this one.
+LOAD_LISTENERS: list = []
 _state: dict = {"tried": False, "error": None, "origin": None, "module": None, "warned": False, "fakes": False}
 
 
@@ -171,8 +174,8 @@ def load(verbose: bool = False):
         _jit_build(verbose)
         _register_fakes()
         _state["error"] = None
-        from noprop import dispatch
-        dispatch.forget_choices()  # ops that ran before chose without this backend
+        for listener in LOAD_LISTENERS:
+            listener()
         return _state["module"]
 
 
