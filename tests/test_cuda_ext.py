@@ -243,6 +243,46 @@ def test_mixed_dtypes_follow_eager(gpu):
         assert g_.dtype == s_.dtype and g_.shape == s_.shape
 
 
+# dW is reduced per class in a fixed order (noise_inject.cu: per-chunk bins, then the chunks in
+# order), never with atomics. (11, 4096, 10, 784): the benchmark's shape, ~410 rows per class;
+# (4, 2048, 1, 33): every row into one class row; (3, 300, 100, 4099): 129 column tiles and 4 class
+# tiles; (2, 999, 37, 5): uneven class tiles (19 + 18) and 51 row groups that do not divide 256.
+BIG_BACKWARD_SHAPES = [(11, 4096, 10, 784), (4, 2048, 1, 33), (3, 300, 100, 4099), (2, 999, 37, 5)]
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("K,B,m,d", BIG_BACKWARD_SHAPES)
+def test_noise_inject_backward_is_bitwise_deterministic_and_meets_the_rule(gpu, dtype, K, B, m, d):
+    x, r, seed = _case(K, B, m, d, dtype, (B + d) % 2 == 1, gpu)
+    args = lambda t: (t["W"], t["y"], t["sa"], t["s1m"], seed)  # noqa: E731
+    first = cuda_ext.noise_inject_backward(x["gz"], *args(x))
+    for _ in range(4):  # float atomics would reorder the additions from one call to the next
+        again = cuda_ext.noise_inject_backward(x["gz"], *args(x))
+        for name, a, b in zip(("dW", "d_sqrt_abar", "d_sqrt_one_minus_abar"), first, again):
+            assert torch.equal(a, b), f"{name} differs between two calls on the same inputs"
+    same = eager.noise_inject_backward(x["gz"], *args(x))
+    ref = eager.noise_inject_backward(r["gz"].to(torch.float64), *args(r))
+    for name, g_, s_, r_ in zip(("dW", "d_sqrt_abar", "d_sqrt_one_minus_abar"), first, same, ref):
+        assert_error_rule(g_, s_, r_, name, who="cuda")
+
+
+@pytest.mark.parametrize("K,B,m,d", [(11, 4096, 10, 784), (3, 300, 100, 4099)])
+def test_noise_inject_backward_dW_is_full_float32_whatever_the_matmul_precision(gpu, K, B, m, d):
+    # "high" lets float32 matmuls run in TF32 (10-bit mantissas): dW must not change with it.
+    x, _, seed = _case(K, B, m, d, torch.float32, False, gpu)
+    args = (x["gz"], x["W"], x["y"], x["sa"], x["s1m"], seed)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        full = cuda_ext.noise_inject_backward(*args)
+        torch.set_float32_matmul_precision("high")
+        tf32_allowed = cuda_ext.noise_inject_backward(*args)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    for a, b in zip(full, tf32_allowed):
+        assert torch.equal(a, b)
+
+
 # d % 4 != 0 (a masked tail quad per row: 1, 5, 10, 261) and d % 4 == 0 (the 4-wide vector path).
 # The forward gives each thread a run of blocks k; (10, 170, 784) has B·Q = 33,320 threads' worth of
 # quads, so K = 10 is split into runs of 3, 3, 3 and 1 (noise_inject.cu, k_per_thread_for).

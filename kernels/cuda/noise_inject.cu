@@ -5,8 +5,10 @@
 // Forward: one thread per (b, quad), looping over the blocks k (one Philox call for four columns;
 // 4-wide vector loads/stores when d % 4 == 0 and W is aligned, masked scalar ones otherwise).
 // Backward: one warp per row (k, b) for the coefficient gradients (lanes over quads, ε regenerated
-// the same way), and one thread per (b, j) summing over k for dW, added into row y_b with float32
-// atomics (then cast to W's dtype).
+// the same way), and for dW a reduction with no atomics, so that the same inputs give the same bits:
+// h[b, j] = Σ_k sa·g[k, b, j] summed per class in shared-memory bins owned by one thread each, per
+// chunk of the batch, then the chunks' partial sums added in chunk order (float32 FMAs throughout:
+// no GEMM, so torch's TF32 matmul setting cannot touch it).
 #include "common.cuh"
 #include "ops.h"
 
@@ -119,25 +121,144 @@ __global__ void noise_inject_coef_grad_kernel(const G* __restrict__ gz, const fl
   }
 }
 
-// dW[y_b, j] += Σ_k sa[k(, b)] · g[k, b, j]   (dW float32 [m, d], zero-initialised).
+constexpr int kThreads = 256;
+
+// dW without atomics, in a fixed order. The thread block has tile_cols column lanes times
+// groups = kThreads / tile_cols row groups (tile_cols = min(d, 32): a warp reads 32 neighbouring
+// columns of a row, or several whole short rows). Block (column tile, class tile, chunk) walks the
+// batch rows of its chunk, row group r taking rows r, r + groups, ... in increasing order; for a row
+// whose label lies in its class tile a thread forms h = Σ_k sa·g[k, b, j] (k increasing) and adds
+// it to its own bin [r][class][lane] in shared memory (no other thread touches that bin: no race).
+// The bins are then summed over r in increasing order into partial[chunk, class, j]. Rows of other
+// classes are skipped, so grad_z is read once whatever the number of class tiles.
+// Shared memory: groups · class_tile · tile_cols floats <= kThreads · kMaxClassTile (32 KiB).
+constexpr int kMaxClassTile = 32;
+// Blocks aimed for: about four times what an H100 keeps resident (132 SMs x 6 to 8 blocks of 256
+// threads), so the last wave's tail is short. Not read from the device: the summation order (and so
+// every bit of dW) depends on the shapes alone.
+constexpr int64_t kTargetBlocks = 4096;
+// The finishing kernel adds at most kMaxChunks / kFinishGroups partials per thread in sequence.
+constexpr int64_t kMaxChunks = 256;
+constexpr int kFinishGroups = kThreads / kWarp;
+
+// h = Σ_k s[k·s_step] · g[k·n] in increasing k (float32 FMAs). Four k at a time, their loads issued
+// before their FMAs: in a plain loop the compiler puts each FMA right after its two loads, and the
+// warp then waits on every pair in turn (sm_90 SASS).
 template <typename G>
-__global__ void noise_inject_dW_kernel(const G* __restrict__ gz, const float* __restrict__ sa, bool sa_per_sample,
-                                       const int64_t* __restrict__ y, float* __restrict__ dW, int64_t K, int64_t B,
-                                       int64_t d, int64_t m) {
-  const int64_t n = B * d;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const int64_t b = i / d;
-    const int64_t j = i - b * d;
-    float acc = 0.f;
-    for (int64_t k = 0; k < K; ++k) {
-      acc += sa[sa_per_sample ? k * B + b : k] * to_f32(gz[k * n + i]);
+__device__ __forceinline__ float sum_over_k(const G* __restrict__ g, int64_t n, const float* __restrict__ s,
+                                            int64_t s_step, int64_t K) {
+  float h = 0.f;
+  int64_t k = 0;
+#pragma unroll 1
+  for (; k + 4 <= K; k += 4, g += 4 * n, s += 4 * s_step) {
+    float gv[4], sv[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      gv[u] = to_f32(g[u * n]);
+      sv[u] = s[u * s_step];
     }
-    atomicAdd(dW + safe_label(y, b, m) * d + j, acc);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) h += sv[u] * gv[u];
+  }
+#pragma unroll 1
+  for (; k < K; ++k, g += n, s += s_step) h += *s * to_f32(*g);
+  return h;
+}
+
+template <typename G>
+__global__ void __launch_bounds__(kThreads)
+    noise_inject_dW_partial_kernel(const G* __restrict__ gz, const float* __restrict__ sa, bool sa_per_sample,
+                                   const int64_t* __restrict__ y, float* __restrict__ partial, int64_t K, int64_t B,
+                                   int64_t d, int64_t m, int tile_cols, int class_tile, int64_t chunk_rows) {
+  extern __shared__ float bins[];  // [groups][class_tile][tile_cols]
+  const int groups = kThreads / tile_cols;
+  const int lane = threadIdx.x % tile_cols;
+  const int group = threadIdx.x / tile_cols;  // == groups for the few threads left over (idle)
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * tile_cols + lane;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * class_tile;
+  const int64_t chunk = blockIdx.z;
+  const int64_t b_end = chunk * chunk_rows + chunk_rows < B ? chunk * chunk_rows + chunk_rows : B;
+  const int64_t n = B * d;  // grad_z's stride over k
+  const int64_t s_step = sa_per_sample ? B : 1;
+  if (group < groups) {
+    float* own = bins + static_cast<int64_t>(group) * class_tile * tile_cols + lane;
+#pragma unroll 4
+    for (int c = 0; c < class_tile; ++c) own[c * tile_cols] = 0.f;
+    if (j < d) {
+      for (int64_t b = chunk * chunk_rows + group; b < b_end; b += groups) {
+        const int64_t c = safe_label(y, b, m) - c0;
+        if (c < 0 || c >= class_tile) continue;
+        own[c * tile_cols] += sum_over_k(gz + b * d + j, n, sa + (sa_per_sample ? b : 0), s_step, K);
+      }
+    }
+  }
+  __syncthreads();
+  const int64_t cols = d - static_cast<int64_t>(blockIdx.x) * tile_cols < tile_cols
+                           ? d - static_cast<int64_t>(blockIdx.x) * tile_cols
+                           : tile_cols;
+  const int64_t classes = m - c0 < class_tile ? m - c0 : class_tile;
+  for (int slot = threadIdx.x; slot < class_tile * tile_cols; slot += kThreads) {
+    const int c = slot / tile_cols, col = slot - c * tile_cols;
+    if (c >= classes || col >= cols) continue;
+    float acc = 0.f;
+    for (int r = 0; r < groups; ++r) acc += bins[(r * class_tile + c) * tile_cols + col];
+    partial[(chunk * m + c0 + c) * d + static_cast<int64_t>(blockIdx.x) * tile_cols + col] = acc;
   }
 }
 
-constexpr int kThreads = 256;
+// dW[o] = Σ_chunk partial[chunk, o] (o = class·d + j over m·d) in a fixed order: warp w of a block
+// adds chunks w, w + 8, ... for 32 neighbouring outputs (coalesced), then warp 0 adds the 8 sums in
+// warp order and casts to W's dtype.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    noise_inject_dW_finish_kernel(const float* __restrict__ partial, T* __restrict__ dW, int64_t chunks,
+                                  int64_t n_out) {
+  __shared__ float sums[kFinishGroups][kWarp];
+  const int lane = threadIdx.x % kWarp, w = threadIdx.x / kWarp;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kWarp; base < n_out;
+       base += static_cast<int64_t>(gridDim.x) * kWarp) {  // the same trip count for the whole block
+    const int64_t o = base + lane;
+    float acc = 0.f;
+    if (o < n_out) {
+      for (int64_t c = w; c < chunks; c += kFinishGroups) acc += partial[c * n_out + o];
+    }
+    sums[w][lane] = acc;
+    __syncthreads();
+    if (w == 0 && o < n_out) {
+      float total = sums[0][lane];
+#pragma unroll
+      for (int r = 1; r < kFinishGroups; ++r) total += sums[r][lane];
+      dW[o] = from_f32<T>(total);
+    }
+    __syncthreads();
+  }
+}
+
+// Launch geometry of the dW reduction (noise_inject_dW_partial_kernel).
+struct DWPlan {
+  int tile_cols, class_tile;
+  int64_t col_tiles, class_tiles, chunks, chunk_rows;
+  size_t smem_bytes;
+};
+
+// Chunks of the batch: enough blocks to fill the GPU, but no more than kMaxChunks, a workspace
+// [chunks, m, d] of at most a quarter of grad_z, and about 4 rows per row group (below that the
+// bins' zeroing and summing outweigh the rows).
+DWPlan plan_dW(int64_t K, int64_t B, int64_t d, int64_t m) {
+  DWPlan p{};
+  p.tile_cols = static_cast<int>(d < kWarp ? d : kWarp);
+  const int64_t groups = kThreads / p.tile_cols;
+  p.class_tiles = ceil_div(m, kMaxClassTile);
+  p.class_tile = static_cast<int>(ceil_div(m, p.class_tiles));  // balanced tiles of <= 32 classes
+  p.col_tiles = ceil_div(d, p.tile_cols);
+  int64_t chunks = ceil_div(kTargetBlocks, p.col_tiles * p.class_tiles);
+  chunks = std::min({chunks, kMaxChunks, std::max<int64_t>(1, K * B / (4 * m)),
+                     std::max<int64_t>(1, B / (4 * groups))});
+  p.chunk_rows = ceil_div(B, chunks);
+  p.chunks = ceil_div(B, p.chunk_rows);  // none empty
+  p.smem_bytes = static_cast<size_t>(groups) * p.class_tile * p.tile_cols * sizeof(float);
+  return p;
+}
 
 }  // namespace
 
@@ -203,25 +324,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> noise_inject_backward(
   const at::Tensor W32 = W_in.to(at::kFloat).contiguous();
   const at::Tensor y = y_in.to(at::kLong).contiguous();
   const auto f32 = W_in.options().dtype(at::kFloat);
-  at::Tensor dW = at::zeros({m, d}, f32);
+  at::Tensor dW = at::empty({m, d}, W_in.options());
   at::Tensor d_sa_rows = at::zeros({K, B}, f32.dtype(at::kDouble));
   at::Tensor d_s1m_rows = at::zeros({K, B}, f32.dtype(at::kDouble));
   if (d > 0) {
+    const DWPlan plan = plan_dW(K, B, d, m);
+    TORCH_CHECK(plan.class_tiles <= 65535, op, ": the CUDA kernel handles at most ", 65535 * kMaxClassTile,
+                " classes, got m = ", m, " (use NOPROP_BACKEND=triton or eager)");
+    at::Tensor partial = at::empty({plan.chunks, m, d}, f32);
     const auto stream = at::cuda::getCurrentCUDAStream();
     NOPROP_DISPATCH_FLOAT(g.scalar_type(), "noprop_cuda::noise_inject_backward", [&] {
       noise_inject_coef_grad_kernel<scalar_t><<<grid_for(K * B, kThreads / kWarp), kThreads, 0, stream>>>(
           g.data_ptr<scalar_t>(), W32.data_ptr<float>(), y.data_ptr<int64_t>(), seed.data_ptr<int64_t>(),
           d_sa_rows.data_ptr<double>(), d_s1m_rows.data_ptr<double>(), K, B, d, m);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      noise_inject_dW_kernel<scalar_t><<<grid_for(B * d, kThreads), kThreads, 0, stream>>>(
-          g.data_ptr<scalar_t>(), sa.data_ptr<float>(), sa.dim() == 2, y.data_ptr<int64_t>(), dW.data_ptr<float>(), K,
-          B, d, m);
+      const dim3 grid(static_cast<unsigned>(plan.col_tiles), static_cast<unsigned>(plan.class_tiles),
+                      static_cast<unsigned>(plan.chunks));
+      noise_inject_dW_partial_kernel<scalar_t><<<grid, kThreads, plan.smem_bytes, stream>>>(
+          g.data_ptr<scalar_t>(), sa.data_ptr<float>(), sa.dim() == 2, y.data_ptr<int64_t>(),
+          partial.data_ptr<float>(), K, B, d, m, plan.tile_cols, plan.class_tile, plan.chunk_rows);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    NOPROP_DISPATCH_FLOAT(dW.scalar_type(), "noprop_cuda::noise_inject_backward", [&] {
+      noise_inject_dW_finish_kernel<scalar_t><<<grid_for(m * d, kWarp), kThreads, 0, stream>>>(
+          partial.data_ptr<float>(), dW.data_ptr<scalar_t>(), plan.chunks, m * d);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   at::Tensor d_sa = sqrt_abar.dim() == 1 ? d_sa_rows.sum(1) : d_sa_rows;
   at::Tensor d_s1m = sqrt_one_minus_abar.dim() == 1 ? d_s1m_rows.sum(1) : d_s1m_rows;
-  return {dW.to(W_in.scalar_type()), d_sa.to(sqrt_abar.scalar_type()), d_s1m.to(sqrt_one_minus_abar.scalar_type())};
+  return {dW, d_sa.to(sqrt_abar.scalar_type()), d_s1m.to(sqrt_one_minus_abar.scalar_type())};
 }
 
 }  // namespace noprop_cuda
