@@ -9,17 +9,21 @@ from dataclasses import fields
 from pathlib import Path
 
 from noprop.devices import set_threads, usable_device
+from noprop.options import check_ranges
 from noprop import engine
-from noprop.training.config import METHODS, MODE_ALIASES, MODES, TrainConfig, blocks_per_step
+from noprop.training.config import METHODS, MODE_ALIASES, MODES, TrainConfig, blocks_per_step, canonical_mode
 
 DEFAULTS = TrainConfig()
 
 
-def _add_data_args(p):
-    p.add_argument("--data", default="mnist5k",
-                   help="data source: mnist5k (embedded 4k/1k MNIST subset) or synthetic[:C,H,W[,classes[,N]]]")
+def _add_data_args(p, source: bool = True):
+    """source=False (eval): the data source is the checkpoint's; only its directory may have moved."""
+    if source:
+        p.add_argument("--data", default="mnist5k",
+                       help="data source: mnist5k (embedded 4k/1k MNIST subset) or synthetic[:C,H,W[,classes[,N]]]")
     p.add_argument("--data-dir", default=None,
-                   help="directory with MNIST IDX files or CIFAR-10/100 python batches (torchvision layout)")
+                   help="directory with MNIST IDX files or CIFAR-10/100 python batches (torchvision layout)"
+                        + ("" if source else "; default: the one the checkpoint was trained from"))
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads; on CPU the blocks' threads share them out (execution threads/auto) "
@@ -72,7 +76,41 @@ def _add_train_args(p):
     p.add_argument("--eval-steps", type=int, default=None,
                    help="ct/fm: steps of the cheaper chain used by the per-epoch evaluation before the last "
                         "epoch (default: %(default)s = 20 for ct and fm)")
+    p.add_argument("--augment-shift", type=int, default=DEFAULTS.augment_shift,
+                   help="translate training images at random by up to this many pixels (0: no augmentation)")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed")
+
+
+# Options that shape only some runs, with the runs they shape: given (set off its default) for a run
+# they do not shape, they are refused rather than silently ignored.
+APPLIES = {
+    "mode": (lambda c: c.method == "dt", "it picks NoProp-DT's update mode (--method dt)"),
+    "chunk_size": (lambda c: c.method == "dt" and c.mode == "chunked", "it sets the chunk of --mode chunked"),
+    "execution": (lambda c: c.method == "dt", "it says how NoProp-DT's blocks run (--method dt)"),
+    "embedding": (lambda c: c.method != "cnn", "the cnn baseline has no class embedding"),
+    "embed_dim": (lambda c: c.embedding == "learned", "it sizes a learned embedding (--embedding learned)"),
+    "T": (lambda c: c.method in ("dt", "backprop"), "ct, fm and cnn train one network, not T blocks"),
+    "eta": (lambda c: c.method in ("dt", "ct"), "it weights the denoising loss of dt and ct"),
+    "max_alpha_bar": (lambda c: c.method == "dt", "it tops NoProp-DT's cosine schedule"),
+    "shared_lr_scale": (lambda c: c.method == "dt", "it scales NoProp-DT's shared head and embedding"),
+    "inference_steps": (lambda c: c.method in ("ct", "fm"), "it sets the ct/fm inference chain"),
+    "eval_steps": (lambda c: c.method in ("ct", "fm"), "it sets the ct/fm per-epoch chain"),
+    "mean_chain": (lambda c: c.method in ("dt", "ct", "fm"), "backprop and cnn predict without a denoising chain"),
+    "eval_runs": (lambda c: c.method != "cnn", "the cnn baseline predicts without noise"),
+}
+
+
+def _check_options_apply(cfg: TrainConfig, given: dict) -> None:
+    for name, (applies, why) in APPLIES.items():
+        value, default = given.get(name), getattr(DEFAULTS, name)
+        if name == "mode":
+            value = canonical_mode(value)
+        if value is None or value == default or (name == "mean_chain" and not value) or applies(cfg):
+            continue
+        flag = "-T" if name == "T" else "--" + name.replace("_", "-")
+        raise ValueError(f"{flag} {value} does not apply to --method {cfg.method}"
+                         f"{' --mode ' + cfg.mode if cfg.method == 'dt' else ''}"
+                         f"{' --embedding ' + cfg.embedding if name == 'embed_dim' else ''}: {why}")
 
 
 def _version() -> str:
@@ -88,19 +126,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train NoProp-DT (default) or a backprop baseline",
+    p = sub.add_parser("train", allow_abbrev=False, help="train NoProp-DT (default) or a backprop baseline",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_train_args(p)
     _add_data_args(p)
     p.add_argument("--checkpoint", default="runs/noprop.pt", help="checkpoint written (atomically) after every epoch")
     p.add_argument("--metrics", default=None, help="write one JSON object per epoch to this file")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from --checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --checkpoint with a new run (without it, train refuses to)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="--resume from a checkpoint that holds more than tensors and plain containers, unpickling "
+                        "it in full, which can run code from the file: only for files you trust")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    p = sub.add_parser("eval", help="score a checkpoint on its test set",
+    p = sub.add_parser("eval", allow_abbrev=False, help="score a checkpoint on its test set",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint written by noprop train")
-    _add_data_args(p)
+    _add_data_args(p, source=False)
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle a checkpoint that holds more than tensors and plain containers in full, which "
+                        "can run code from the file: only for files you trust")
     p.add_argument("--eval-runs", type=int, default=1, help="stochastic inference chains averaged per image")
     p.add_argument("--mean-chain", action="store_true", help="use the noise-free mean chain")
     p.add_argument("--inference-steps", type=int, default=None,
@@ -108,13 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "trained with another --inference-steps)")
     p.add_argument("--seed", type=int, default=0, help="seed of the inference noise")
 
-    sub.add_parser("info", help="which op backends can run here, and why not")
+    sub.add_parser("info", allow_abbrev=False, help="which op backends can run here, and why not")
 
     from noprop import bench, profile
-    p = sub.add_parser("bench", help="training throughput and peak memory: NoProp-DT modes vs backprop",
+    p = sub.add_parser("bench", allow_abbrev=False,
+                       help="training throughput and peak memory: NoProp-DT modes vs backprop",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     bench.add_args(p)
-    p = sub.add_parser("profile", help="torch.profiler trace and per-op table of a few training steps",
+    p = sub.add_parser("profile", allow_abbrev=False,
+                       help="torch.profiler trace and per-op table of a few training steps",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     profile.add_args(p)
     return parser
@@ -138,13 +186,15 @@ def _train(args) -> int:
     set_threads(args.threads)
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     cfg = TrainConfig(**values)
+    _check_options_apply(cfg, values)
     usable_device(cfg.device)  # before the data loads: a missing GPU is the first thing said
     split = load(cfg.data, cfg.data_dir, cfg.seed)
     mode = {"dt": cfg.mode, "ct": "one network, per-sample t", "fm": "one network, per-sample t"}
     print(f"training {cfg.method} ({mode.get(cfg.method, 'end to end')}) on {split.name}: "
           f"{len(split.train)} train / {len(split.test)} test images, {cfg.epochs} epochs, device {cfg.device}"
           f"{_execution_note(cfg)}")
-    _, history = fit(cfg, split, args.checkpoint, args.metrics, args.resume, progress=not args.no_progress)
+    _, history = fit(cfg, split, args.checkpoint, args.metrics, args.resume, progress=not args.no_progress,
+                     overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint)
     if history:
         last = history[-1]
         print(f"final test accuracy {last['test_acc']:.4f} after {last['elapsed_s']:.0f}s of training; "
@@ -156,11 +206,10 @@ def _eval(args) -> int:
     from noprop.data import load
     from noprop.training import evaluate, load_model
 
+    check_ranges(args, {"eval_runs": 1, "inference_steps": 1, "seed": 0, "threads": 1})
     set_threads(args.threads)
-    model, cfg, _ = load_model(args.checkpoint, usable_device(args.device))
+    model, cfg, _ = load_model(args.checkpoint, usable_device(args.device), trusted=args.trust_checkpoint)
     split = load(cfg.data, args.data_dir or cfg.data_dir, cfg.seed)
-    if args.inference_steps is not None and args.inference_steps < 1:
-        raise ValueError(f"inference_steps must be >= 1, got {args.inference_steps}")
     acc = evaluate(model, split.test, args.device, runs=args.eval_runs, mean_chain=args.mean_chain, seed=args.seed,
                    steps=args.inference_steps)
     print(json.dumps({"checkpoint": args.checkpoint, "method": cfg.method, "data": split.name,
@@ -218,6 +267,28 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"noprop {args.command}: interrupted{_interrupted_note(args, started)}", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        print(f"noprop {args.command}: error: out of memory on {getattr(args, 'device', 'cpu')}: {_memory_advice(args)}",
+              file=sys.stderr)
+        return 2
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return (isinstance(exc, (MemoryError, torch.OutOfMemoryError))
+            or "out of memory" in str(exc).lower() or "can't allocate memory" in str(exc).lower())
+
+
+def _memory_advice(args) -> str:
+    """Which option to lower, for the command that ran out of memory."""
+    batch = getattr(args, "batch_size", None) or getattr(args, "batch", None)
+    advice = f"lower --batch-size (now {batch})" if batch else "lower --eval-runs or use a smaller device batch"
+    if args.command == "train" and getattr(args, "method", "dt") == "dt" and getattr(args, "mode", "") != "lean":
+        advice += ", or train with --mode chunked or --mode lean (fewer blocks' activations alive at once)"
+    return advice
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ unpickler that builds nothing but containers, strings, numbers and numpy arrays.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import pickle
 import struct
@@ -363,15 +364,31 @@ def load(source: str = "mnist5k", data_dir: str | None = None, seed: int = 0) ->
     raise DataError(f"unknown data source {source!r}: use mnist5k, synthetic[:C,H,W,...] or --data-dir DIR")
 
 
+def batch_bounds(n: int, batch_size: int, min_last: int = 1) -> list[tuple[int, int]]:
+    """[start, stop) of each minibatch over n samples; a last batch smaller than min_last is folded into
+    the one before it (training: BatchNorm cannot normalise a batch of one sample)."""
+    bounds = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_last:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
 def batches(ds: Dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None = None,
-            drop_last: bool = False):
-    """Yield (x [b, C, H, W], y [b]) minibatches."""
-    n = len(ds)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    stop = n - n % batch_size if drop_last and n >= batch_size else n
-    for i in range(0, stop, batch_size):
-        idx = order[i:i + batch_size]
+            min_last: int = 1):
+    """Yield (x [b, C, H, W], y [b]) minibatches (see `batch_bounds` for min_last)."""
+    order = torch.randperm(len(ds), generator=generator) if shuffle else torch.arange(len(ds))
+    for start, stop in batch_bounds(len(ds), batch_size, min_last):
+        idx = order[start:stop]
         yield ds.images[idx], ds.labels[idx]
+
+
+def fingerprint(split: Split) -> str:
+    """A short hash of a split's images and labels: a resumed run checks it trains on the same data."""
+    h = hashlib.sha256()
+    for t in (split.train.images, split.train.labels, split.test.images, split.test.labels):
+        h.update(str((tuple(t.shape), t.dtype)).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -19,6 +19,7 @@ from noprop.atomic import write_text_atomically
 from noprop.bench.measure import step_factory
 from noprop.bench.plan import Case
 from noprop.devices import set_threads, usable_device
+from noprop.options import check_ranges
 from noprop.stages import STAGES, all_threads_profiler, enable_nvtx, sync
 from noprop.training.config import MODE_ALIASES, MODES, canonical_mode
 
@@ -67,8 +68,7 @@ def _all_threads_config():
 def main_args(args) -> int:
     from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
 
-    if args.steps < 1:
-        raise ValueError(f"steps must be >= 1, got {args.steps}")
+    check_ranges(args, {"steps": 1, "warmup": 0, "batch": 1, "T": 1, "chunk_size": 1, "row_limit": 1, "threads": 1})
     device = usable_device(args.device)
     set_threads(args.threads)
     enable_nvtx(args.nvtx)

@@ -44,3 +44,46 @@ def test_missing_corrupt_and_foreign_files(tmp_path):
     torch.save({"weights": 1}, foreign)
     with pytest.raises(ckpt.CheckpointError, match="not a noprop checkpoint"):
         ckpt.load(foreign)
+
+
+class _RunsCode:
+    def __init__(self, sentinel):
+        self.sentinel = sentinel
+
+    def __reduce__(self):  # what a malicious checkpoint would do on unpickling
+        return (open, (str(self.sentinel), "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    sentinel = tmp_path / "ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": ckpt.FORMAT, "model": _RunsCode(sentinel)}, evil)
+    with pytest.raises(ckpt.CheckpointError, match=r"asks to rebuild io\.open.*--trust-checkpoint"):
+        ckpt.load(evil)
+    assert not sentinel.exists()
+    ckpt.load(evil, trusted=True)  # the explicit opt-in for a file the user trusts unpickles in full
+    assert sentinel.exists()
+
+
+def test_everything_fit_saves_loads_without_trust(tmp_path):
+    from noprop.data import synthetic
+    from noprop.training import TrainConfig, fit
+
+    path = tmp_path / "run.pt"
+    fit(TrainConfig(T=2, epochs=1, batch_size=32, data="synthetic"), synthetic((1, 14, 14), train_size=64, test_size=16),
+        checkpoint_path=path, progress=False, log=lambda s: None)
+    state = ckpt.load(path)  # weights_only: config, model, optimizers, history, RNG, data record
+    assert {"config", "model", "optimizers", "rng", "history", "data"} <= set(state)
+
+
+def test_a_failed_write_is_one_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = ckpt.save({"epoch": 1}, tmp_path / "c.pt")
+
+    def disk_full(obj, f, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(ckpt.CheckpointError, match="could not write checkpoint .*No space left on device.*intact"):
+        ckpt.save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert ckpt.load(path)["epoch"] == 1 and [p.name for p in tmp_path.iterdir()] == ["c.pt"]

@@ -151,21 +151,6 @@ def test_resume_continues_where_the_run_stopped(tmp_path):
     assert resumed[-1]["test_acc"] == full[-1]["test_acc"]
 
 
-def test_inference_never_reads_labels():
-    """Predictions depend on images only: scrambling every label of the test set changes nothing,
-    and predict() has no way to receive a label."""
-    split = synthetic(image_shape=(1, 16, 16), num_classes=4, train_size=64, test_size=64)
-    model = tiny_dt(T=3, m=4, image_shape=(1, 16, 16))
-    model.eval()
-    x = split.test.images
-    p1 = model.predict_proba(x, generator=torch.Generator().manual_seed(0))
-    split.test.labels.copy_(torch.randint(0, 4, (64,)))
-    p2 = model.predict_proba(x, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(p1, p2)
-    import inspect
-    assert "y" not in inspect.signature(model.predict_proba).parameters
-
-
 def test_inference_is_seedable_and_has_mean_chain_and_averaging():
     model = tiny_dt(T=3, m=4, image_shape=(1, 16, 16)).eval()
     x = torch.randn(10, 1, 16, 16)

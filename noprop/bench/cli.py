@@ -13,6 +13,7 @@ from noprop.bench.measure import measure, run_isolated, worker
 from noprop.bench.plan import BASELINES, DT_MODES, EXECUTIONS, plan
 from noprop.bench.report import environment, execution_verdict, records_so_far, table, write_outputs
 from noprop.devices import usable_device
+from noprop.options import check_ranges
 from noprop.training.config import canonical_mode
 
 
@@ -96,17 +97,20 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def options(args) -> tuple[dict, list, list, list]:
+    check_ranges(args, {"batch": 1, "T": 1, "chunk_size": 1, "steps": 1, "warmup": 0, "repeats": 1, "threads": 1,
+                        "case_timeout": 1})
     device = usable_device(args.device)
     if args.cuda_graph and device.type != "cuda":
         raise ValueError(f"--cuda-graph: CUDA graphs need a CUDA device, got --device {args.device}")
     if args.quick:
         args.T, args.batch, args.repeats = 3, min(args.batch, 16), 1
-        args.steps, args.warmup = args.steps or 2, args.warmup if args.warmup is not None else 1
+        args.steps = args.steps if args.steps is not None else 2
+        args.warmup = args.warmup if args.warmup is not None else 1
     cpu = device.type == "cpu"
-    threads = args.threads or torch.get_num_threads()
+    threads = args.threads if args.threads is not None else torch.get_num_threads()
     isolated = args.isolate if args.isolate is not None else (cpu and not args.quick)
     opts = {"device": str(device), "batch": args.batch, "T": args.T, "chunk_size": args.chunk_size,
-            "steps": args.steps or (5 if cpu else 20), "warmup": args.warmup if args.warmup is not None else (1 if cpu else 5),
+            "steps": args.steps if args.steps is not None else (5 if cpu else 20), "warmup": args.warmup if args.warmup is not None else (1 if cpu else 5),
             "repeats": args.repeats, "threads": threads, "isolated": isolated, "data": args.data,
             "case_timeout": args.case_timeout, "cuda_graph": bool(args.cuda_graph)}
     for name in ("batch", "T", "chunk_size", "steps", "repeats", "threads"):

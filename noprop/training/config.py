@@ -16,6 +16,7 @@ graph on the first batch and replayed for every batch of that shape (training/gr
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 from noprop import engine
@@ -131,9 +132,17 @@ class TrainConfig:
         for name in ("T", "epochs", "batch_size", "eval_runs", "embed_dim", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)} ({_flag(name)} on the command line)")
-        for name in ("lr", "eta"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)} ({_flag(name)} on the command line)")
+        for name, low, strict in (("lr", 0, True), ("eta", 0, True), ("weight_decay", 0, False),
+                                  ("shared_lr_scale", 0, True), ("augment_shift", 0, False), ("seed", 0, False)):
+            value = getattr(self, name)
+            if value is None and name == "shared_lr_scale":
+                continue
+            if not math.isfinite(value) or (value <= low if strict else value < low):
+                raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value} "
+                                 f"({_flag(name)} on the command line)")
+        if not 0 < self.max_alpha_bar < 1:
+            raise ValueError(f"max_alpha_bar must lie in (0, 1): it is ᾱ_T, the signal fraction of the last "
+                             f"block's input; got {self.max_alpha_bar} (--max-alpha-bar on the command line)")
         if self.execution == "threads":
             engine.check_threads_device(self.device)
         if self.cuda_graph:

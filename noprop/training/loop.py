@@ -13,7 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from noprop import checkpoint as ckpt
-from noprop.data import Dataset, Split, batches, random_shift, validate
+from noprop.atomic import write_text_atomically
+from noprop.data import Dataset, Split, batches, fingerprint, random_shift, validate
 from noprop.devices import usable_device
 from noprop.models import NoPropCT, NoPropDT, NoPropFM
 from noprop.training.build import apply_execution, build_model, check_model_matches
@@ -100,19 +101,32 @@ def _check_resumable(state: dict, cfg: TrainConfig, path) -> None:
                                    "--checkpoint")
 
 
-def _resume(model, opts: Optimizers, cfg: TrainConfig, checkpoint_path, device) -> tuple[list, int]:
+RESUME_NEEDS = ("model", "optimizers", "epoch", "history", "rng")
+
+
+def _resume(model, opts: Optimizers, cfg: TrainConfig, checkpoint_path, device, data_id: str,
+            trusted: bool) -> tuple[list, int]:
     """Load an interrupted run's state into model and opts: (history, last completed epoch)."""
     if checkpoint_path is None or not Path(checkpoint_path).exists():
         raise ckpt.CheckpointError(f"--resume: no checkpoint at {checkpoint_path} to resume from")
-    state = ckpt.load(checkpoint_path, map_location=device)
+    state = ckpt.load(checkpoint_path, map_location=device, trusted=trusted)
     _check_resumable(state, cfg, checkpoint_path)
+    missing = [key for key in RESUME_NEEDS if key not in state]
+    if missing:
+        raise ckpt.CheckpointError(f"--resume: {checkpoint_path} lacks {', '.join(missing)}, without which the run "
+                                   "cannot continue exactly as it would have; start a new run (--overwrite)")
+    saved_id = (state.get("data") or {}).get("fingerprint")
+    if saved_id is not None and saved_id != data_id:
+        raise ckpt.CheckpointError(f"--resume: {checkpoint_path} was trained on other data (fingerprint {saved_id}, "
+                                   f"now {data_id}); a resumed run must see the same images: pass the same "
+                                   "--data / --data-dir, or start a new run with another --checkpoint")
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:  # same config, other model: fit(model=...) with other blocks
         raise ckpt.CheckpointError(f"--resume: the model in {checkpoint_path} does not fit this one "
                                    f"({first_line(exc)})") from None
     opts.load_state_dict(state["optimizers"])
-    torch.set_rng_state(state["rng"])
+    torch.set_rng_state(state["rng"].cpu())
     return state["history"], state["epoch"]
 
 
@@ -141,7 +155,7 @@ def _train_epoch(step: _Stepper, split: Split, cfg: TrainConfig, epoch: int, gen
     t0, total, count, seen = time.perf_counter(), 0.0, 0, 0
     augment_gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # resume-safe: keyed by epoch
     for blocks in plan:
-        for x, y in batches(split.train, cfg.batch_size, shuffle=True, generator=gen):
+        for x, y in batches(split.train, cfg.batch_size, shuffle=True, generator=gen, min_last=2):
             total += step(random_shift(x, cfg.augment_shift, augment_gen), y, blocks)
             count += 1
             seen += x.shape[0]
@@ -152,8 +166,35 @@ def _train_epoch(step: _Stepper, split: Split, cfg: TrainConfig, epoch: int, gen
     return {"train_loss": total / count, "samples_per_s": seen / train_s, "train_s": train_s}
 
 
+def _check_finite_parameters(model, epoch: int) -> None:
+    """Raise when an update left a parameter NaN or infinite (a learning rate too large for the loss to
+    show it within the epoch: the loss is computed before each update)."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise FloatingPointError(f"training diverged in epoch {epoch}: {len(bad)} parameter tensor(s) became NaN or "
+                                 f"infinite ({bad[0]}, ...); lower the learning rate (--lr); the checkpoint of the "
+                                 "last good epoch, if any, was kept")
+
+
+def _check_before_training(cfg: TrainConfig, split: Split, checkpoint_path, metrics_path, resume: bool,
+                           overwrite: bool, log) -> None:
+    """Everything that can fail before the first epoch does fail there."""
+    validate(split.train.images, split.train.labels, split.num_classes, "training set")
+    if len(split.train) % cfg.batch_size == 1 and len(split.train) > cfg.batch_size:
+        log(f"note: {len(split.train)} training images in batches of {cfg.batch_size} leave a last batch of one "
+            "image, which BatchNorm cannot normalise: it joins the batch before it")
+    if cfg.execution == "threads" and torch.get_num_threads() < 2:
+        raise ValueError("execution 'threads' shares torch's threads out between blocks, but torch has 1 thread: "
+                         "set --threads 2 or more, or use execution 'loop'")
+    _check_output_path(checkpoint_path, "checkpoint")
+    _check_output_path(metrics_path, "metrics file")
+    if checkpoint_path is not None and Path(checkpoint_path).exists() and not resume and not overwrite:
+        raise ValueError(f"checkpoint {checkpoint_path} already exists: pass --resume to continue that run, "
+                         "--overwrite to replace it, or another --checkpoint")
+
+
 def fit(cfg: TrainConfig, split: Split, checkpoint_path=None, metrics_path=None, resume: bool = False,
-        progress: bool = True, log=print, model=None):
+        progress: bool = True, log=print, model=None, overwrite: bool = False, trust_checkpoint: bool = False):
     """Train per `cfg` on `split`; checkpoint every epoch; returns (model, history).
 
     model: bring your own (e.g. a NoPropDT of your own blocks, or a BackpropDT of the same blocks);
@@ -161,13 +202,15 @@ def fit(cfg: TrainConfig, split: Split, checkpoint_path=None, metrics_path=None,
     number of blocks (checked), and cfg.execution is applied to it. `noprop eval` rebuilds only
     models a config describes; reload one of your own with
     model.load_state_dict(noprop.checkpoint.load(checkpoint_path)["model"]).
-    Checked before any training: the device (`noprop.devices.usable_device`), that checkpoint_path
-    and metrics_path can be written, and on resume that the checkpoint's settings match `cfg`.
+    Checked before any training: the data and batch size, the device, that checkpoint_path and
+    metrics_path can be written, that an existing checkpoint is resumed or overwritten only when
+    asked, and on resume that the checkpoint's settings and data match. After each epoch the
+    parameters must be finite (else FloatingPointError, before that epoch is saved); the checkpoint
+    is written before the epoch's metrics line, so the metrics never run ahead of what can resume.
     """
-    validate(split.train.images, split.train.labels, split.num_classes, "training set")
+    _check_before_training(cfg, split, checkpoint_path, metrics_path, resume, overwrite, log)
     device = usable_device(cfg.device, "device")
-    _check_output_path(checkpoint_path, "checkpoint")
-    _check_output_path(metrics_path, "metrics file")
+    data_id = fingerprint(split)
     torch.manual_seed(cfg.seed)
     if model is None:
         model = build_model(cfg, split.image_shape, split.num_classes, split.train)
@@ -178,10 +221,10 @@ def fit(cfg: TrainConfig, split: Split, checkpoint_path=None, metrics_path=None,
     opts = Optimizers(model, cfg)
     history, start_epoch = [], 0
     if resume:
-        history, start_epoch = _resume(model, opts, cfg, checkpoint_path, device)
+        history, start_epoch = _resume(model, opts, cfg, checkpoint_path, device, data_id, trust_checkpoint)
         log(f"resumed from {checkpoint_path} after epoch {start_epoch}")
-    if metrics_path and not resume:
-        Path(metrics_path).write_text("")
+    if metrics_path:  # what the checkpoint holds, no more: a line written after it was saved is dropped
+        write_text_atomically(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
     elapsed = history[-1]["elapsed_s"] if history else 0.0
     gen = torch.Generator().manual_seed(cfg.seed)
     plan = epoch_plan(cfg.mode, cfg.T) if cfg.method == "dt" else [None]
@@ -193,35 +236,43 @@ def fit(cfg: TrainConfig, split: Split, checkpoint_path=None, metrics_path=None,
         if cfg.method in CONTINUOUS:
             _cosine_lr(opts, epoch, cfg.epochs)
         trained = _train_epoch(step, split, cfg, epoch, gen, progress)
+        _check_finite_parameters(model, epoch)
         elapsed += trained["train_s"]
-        # CT/FM: a cheaper chain (eval_steps) in between, the full one (inference_steps) at the end
-        steps = cfg.inference_steps if epoch == cfg.epochs or cfg.eval_steps is None else cfg.eval_steps
-        acc = evaluate(model, split.test, device, runs=cfg.eval_runs, mean_chain=cfg.mean_chain, seed=cfg.seed,
-                       steps=steps)
-        record = {"epoch": epoch, "train_loss": trained["train_loss"], "test_acc": acc,
-                  "samples_per_s": trained["samples_per_s"], "peak_mem_mb": peak_memory_mb(device),
-                  "elapsed_s": elapsed, "method": cfg.method, "mode": cfg.mode}
-        if cfg.method in CONTINUOUS:
-            record["eval_steps"] = steps
+        record = _evaluate_epoch(model, split, cfg, epoch, device, trained, elapsed)
         history.append(record)
-        log(f"epoch {epoch:3d}  loss {record['train_loss']:.4f}  test acc {acc:.4f}  "
+        log(f"epoch {epoch:3d}  loss {record['train_loss']:.4f}  test acc {record['test_acc']:.4f}  "
             f"{record['samples_per_s']:.0f} samples/s  peak mem {record['peak_mem_mb']:.0f} MB  "
             f"elapsed {elapsed:.0f}s")
-        if metrics_path:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
         if checkpoint_path:
             ckpt.save({"config": asdict(cfg), "model": model.state_dict(), "optimizers": opts.state_dict(),
                        "epoch": epoch, "history": history, "rng": torch.get_rng_state(),
                        "data": {"name": split.name, "image_shape": list(split.image_shape),
-                                "num_classes": split.num_classes}}, checkpoint_path)
+                                "num_classes": split.num_classes, "fingerprint": data_id}}, checkpoint_path)
+        if metrics_path:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
     return model, history
 
 
-def load_model(path, device="cpu"):
-    """(model, config, checkpoint state) from a checkpoint written by `fit`."""
+def _evaluate_epoch(model, split: Split, cfg: TrainConfig, epoch: int, device, trained: dict, elapsed: float) -> dict:
+    """The epoch's record: its training figures and the test accuracy. CT/FM evaluate with a cheaper
+    chain (eval_steps) in between and the full one (inference_steps) after the last epoch."""
+    steps = cfg.inference_steps if epoch == cfg.epochs or cfg.eval_steps is None else cfg.eval_steps
+    acc = evaluate(model, split.test, device, runs=cfg.eval_runs, mean_chain=cfg.mean_chain, seed=cfg.seed,
+                   steps=steps)
+    record = {"epoch": epoch, "train_loss": trained["train_loss"], "test_acc": acc,
+              "samples_per_s": trained["samples_per_s"], "peak_mem_mb": peak_memory_mb(device),
+              "elapsed_s": elapsed, "method": cfg.method, "mode": cfg.mode}
+    if cfg.method in CONTINUOUS:
+        record["eval_steps"] = steps
+    return record
+
+
+def load_model(path, device="cpu", trusted: bool = False):
+    """(model, config, checkpoint state) from a checkpoint written by `fit` (trusted: see
+    `noprop.checkpoint.load`). A model whose parameters are not all finite is refused."""
     device = usable_device(device, "device")
-    state = ckpt.load(path, map_location=device)
+    state = ckpt.load(path, map_location=device, trusted=trusted)
     try:
         cfg = TrainConfig.from_dict(state["config"])
         data = state["data"]
@@ -231,4 +282,8 @@ def load_model(path, device="cpu"):
         raise ckpt.CheckpointError(
             f"checkpoint {path} does not describe a model noprop can rebuild ({first_line(exc)}); a model of your own "
             "blocks: build it again, then model.load_state_dict(noprop.checkpoint.load(path)['model'])") from exc
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ckpt.CheckpointError(f"checkpoint {path} holds NaN or infinite parameters ({bad[0]}"
+                                   f"{', ...' if len(bad) > 1 else ''}): the run that wrote it diverged")
     return model.to(device), cfg, state
