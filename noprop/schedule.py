@@ -1,6 +1,6 @@
 """Noise schedules for NoProp.
 
-Index direction (paper, method doc §1): t = 0 is pure noise, t = T is (nearly) clean, so
+Index direction (paper; docs/method.md §3): t = 0 is pure noise, t = T is (nearly) clean, so
 ᾱ_0 < ᾱ_1 < ... < ᾱ_T and SNR(t) = ᾱ_t / (1 - ᾱ_t) increases with t. This is the reverse of DDPM.
 
 Clipping rule of the DT cosine schedule (the paper gives none): the cosine curve
@@ -101,7 +101,7 @@ class DTSchedule:
 # --- NoProp-CT: learnable monotone schedule ------------------------------------------------------
 
 class CTSchedule(torch.nn.Module):
-    """Learnable continuous-time schedule of NoProp-CT (method doc §3), t ∈ [0, 1].
+    """Learnable continuous-time schedule of NoProp-CT (docs/method.md §10), t ∈ [0, 1].
 
     SNR(t) = exp(−γ(t)),  γ(t) = γ_0 + (γ_1 − γ_0)·(1 − γ̄(t)),  ᾱ(t) = sigmoid(−γ(t)),
     γ̄(t) = (g(t) − g(0)) / (g(1) − g(0)) with g a two-layer network with positive weights:

@@ -1,4 +1,4 @@
-"""The method's traps (method doc §6), checked against the paper's formulas written out here in
+"""The method's traps (docs/method.md §13), checked against the paper's formulas written out here in
 float64, never against the model's own buffers or schedule object:
 
 - DT training noise: the z that block t receives is z_{t-1} ~ q(z_{t-1} | y) = N(√ᾱ_{t-1}·u_y,

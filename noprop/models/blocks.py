@@ -1,4 +1,4 @@
-"""The paper's DT block (method doc §2, paper Fig. 6) and its parts.
+"""The paper's DT block (docs/method.md §7, paper Fig. 6) and its parts.
 
 A block maps (x [B, C, H, W], z [B, d]) -> logits [B, m]; NoProp turns the logits into
 û = softmax(logits) · W. All convs are 3×3 with no padding: that reproduces the paper's
@@ -123,7 +123,7 @@ def dt_block_factory(image_shape, num_classes: int, embedding):
 
 
 class CNNClassifier(nn.Module):
-    """The strongest fair backprop reference (method doc §2): one block's image branch + ReLU +
+    """The strongest fair backprop reference (docs/method.md §9): one block's image branch + ReLU +
     a linear classifier, trained end to end. x [B, C, H, W] -> logits [B, m]."""
 
     def __init__(self, image_shape, num_classes: int, width: int = 256):
