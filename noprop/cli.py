@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import fields
@@ -261,6 +262,9 @@ def main(argv=None) -> int:
     started = time.time()
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:  # `noprop info | head` closed the pipe: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except (CheckpointError, DataError, BackendUnavailable, ValueError, FloatingPointError, OSError) as exc:
         print(f"noprop {args.command}: error: {exc}", file=sys.stderr)
         return 2
