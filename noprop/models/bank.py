@@ -312,10 +312,10 @@ class BlockBank(nn.Module):
 def _split_rows(module: BlockBank, state_dict, prefix, local_metadata):
     """state_dict hook: the bank's `{prefix}<name>` [T, ...] entries become per-block `{prefix}{t}.<name>`
     (views of the rows), the checkpoint layout of separate blocks."""
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        value = state_dict.pop(key)
-        for t in range(module.num_blocks):
-            state_dict[f"{prefix}{t}.{key[len(prefix):]}"] = value[t]
+    stacked = [(k[len(prefix):], state_dict.pop(k)) for k in [k for k in state_dict if k.startswith(prefix)]]
+    for t in range(module.num_blocks):  # block by block, the order separate blocks save in
+        for name, value in stacked:
+            state_dict[f"{prefix}{t}.{name}"] = value[t]
     meta = getattr(state_dict, "_metadata", None)
     if meta is not None:
         own = prefix[:-1] if prefix else ""
