@@ -1,5 +1,10 @@
-"""How the blocks of a NoProp-DT model execute: one by one (`loop`), stacked (`vmap`) or on
-several CPU threads at once (`threads`).
+"""How the blocks of a NoProp-DT model execute: one by one (`loop`), stacked (`vmap`), on several
+CPU threads at once (`threads`), or held as one bank of stacked parameters (`bank`).
+
+A bank (noprop.models.bank) keeps the parameters and buffers of identical blocks stacked, [T, ...],
+as their source of truth, so a step stacks and copies back nothing; this module decides where one
+is used (`resolve` says 'bank': asked for, or `auto` on CUDA where `vmap` was chosen before) and
+owns the vmapped call (`run_vmapped`) that both a bank of blocks it cannot fold and `run_stacked` use.
 
 Stacked execution runs T structurally identical blocks as one batched computation with
 `torch.func.functional_call` under `vmap`: convolutions become grouped convolutions and the fully
@@ -13,7 +18,8 @@ are ~2-3x slower than separate ones, docs/design.md §12), so `auto` never picks
 CPU. On an H100 (bench/results/nvidia-h100-80gb-hbm3*/, T = 10 DT blocks) stacking wins for the
 whole step (10 blocks: 1.16-1.58x faster than loop at batch 128 and 1024) and for chunks of 5
 (1.13x at batch 128) but loses for chunks of 2 (loop 1.27-1.46x faster), so on CUDA `auto` stacks
-chunks of at least CUDA_VMAP_MIN_BLOCKS blocks (4: between the measured 2 and 5).
+chunks of at least CUDA_VMAP_MIN_BLOCKS blocks (4: between the measured 2 and 5), and now does so
+as a bank for models of that many blocks (the bank itself is not yet measured on a GPU).
 
 Threaded execution is block parallelism on CPU cores, the one kind backprop cannot have: the blocks
 of a training step are split into contiguous groups, and each group's forward, local loss and

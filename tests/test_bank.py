@@ -303,3 +303,67 @@ def test_execution_decides_the_storage(torch_threads):
     mixed = NoPropDT([TinyBlock(256, 8, 5), TinyBlock(256, 8, 5, width=16)], make_embedding("learned", 5, dim=8))
     with pytest.raises(ValueError, match="cannot stack these blocks: block 2 differs"):
         mixed.set_execution("bank")
+
+
+def test_the_default_cpu_step_is_the_separate_blocks_step_bit_for_bit(torch_threads):
+    """TrainConfig()'s execution (auto) on a 2-thread CPU keeps separate blocks on threads: two
+    steps give exactly the bits of the same steps asked for as 'threads'."""
+    torch_threads(2)
+    states = []
+    for execution in ("auto", "threads"):
+        torch.manual_seed(0)
+        cfg = TrainConfig(T=4, execution=execution)
+        model = build_model(cfg, IMAGE, 5)
+        assert not model.is_bank
+        opts = Optimizers(model, cfg)
+        torch.manual_seed(1)
+        for i in range(2):
+            train_step(model, opts, *batch(B=12, m=5, image_shape=IMAGE, seed=i))
+        states.append((model.state_dict(), optimizer_state(opts)))
+    for got, ref in zip(*states):
+        assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_a_bank_step_reads_nothing_on_the_host_so_a_cuda_graph_can_capture_it(monkeypatch, one_torch_thread):
+    """The captured body (no keyed dropout) of a folded bank at the aten level: no host read, no tensor
+    made from Python data (tests/test_graphs.py's probe)."""
+    from noprop.ops import checks
+    from noprop.training.step import captured_body
+    from tests.test_graphs import HOST_OPS, _fused_cpu, _OpCounter
+
+    _, bank = separate_and_bank()
+    opts = _fused_cpu(bank, Optimizers(bank, TrainConfig(T=3)))
+    x, y = batch(B=8, m=5, image_shape=IMAGE)
+    monkeypatch.setattr(checks, "labels", lambda y, m: None)
+    opts.zero_grad()
+    captured_body(bank, opts, x, y)
+    opts.zero_grad()
+    with _OpCounter() as body:
+        captured_body(bank, opts, x, y)
+    assert {op: n for op, n in body.ops.items() if op in HOST_OPS} == {}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_bank_on_cuda_replays_its_eager_steps():
+    """On a GPU (bench/gpu_check.sh): the folded bank's parallel step captured as a CUDA graph gives
+    the eager steps' parameters, BatchNorm statistics and optimizer state."""
+    from noprop import dispatch
+    from noprop.training import CapturedStep
+
+    if dispatch.triton_interpreted():
+        pytest.skip("interpreted Triton cannot be captured (run with TRITON_INTERPRET=0)")
+    results = []
+    for graph in (False, True):
+        torch.manual_seed(0)
+        cfg = TrainConfig(T=4, device="cuda", cuda_graph=graph)
+        model = build_model(cfg, IMAGE, 5).cuda().eval()  # eval: see test_bank_training_steps_equal_separate_blocks
+        assert model.is_bank
+        opts = Optimizers(model, cfg)
+        batches = [tuple(t.cuda() for t in batch(B=16, m=5, image_shape=IMAGE, seed=i)) for i in range(3)]
+        step = CapturedStep(model, opts, *batches[0]) if graph else None
+        torch.cuda.manual_seed(5)
+        for x, y in batches:
+            step(x, y) if graph else train_step(model, opts, x, y)
+        results.append((model.state_dict(), optimizer_state(opts)))
+    for got, ref in zip(results[1], results[0]):
+        assert_states_close(got, ref)
