@@ -12,7 +12,8 @@ from pathlib import Path
 from noprop.devices import set_threads, usable_device
 from noprop.options import check_ranges
 from noprop import engine
-from noprop.training.config import METHODS, MODE_ALIASES, MODES, TrainConfig, blocks_per_step, canonical_mode
+from noprop.training.config import (METHODS, MODE_ALIASES, MODES, PRECISIONS, TrainConfig, blocks_per_step,
+                                    canonical_mode)
 
 DEFAULTS = TrainConfig()
 
@@ -46,6 +47,13 @@ def _add_train_args(p):
                    help="dt in mode parallel, or backprop, with --device cuda: capture the training step "
                         "once as a CUDA graph and replay it for every full batch (fresh noise each replay; a last "
                         "partial batch runs eagerly)")
+    p.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision,
+                   help="arithmetic of every step and evaluation: fp32; tf32 (CUDA: matmuls and convolutions round "
+                        "inputs to TF32); bf16 (autocast; fp32 master weights and AdamW state; the fused ops "
+                        "accumulate in fp32). tf32 and bf16 keep convolutions channels_last on CUDA")
+    p.add_argument("--compile", action="store_true",
+                   help="run the blocks of each step through torch.compile (dt, backprop, cnn; not with --execution "
+                        "threads; the first steps pay the compilation; dropout masks come from the compiled graph)")
     p.add_argument("--execution", choices=engine.EXECUTIONS, default=DEFAULTS.execution,
                    help="how the blocks of a step run: one by one (loop), stacked with vmap, in groups on CPU "
                         "threads at once (threads: block parallelism, sharing torch's intra-op threads), or auto "
@@ -176,7 +184,7 @@ def _execution_note(cfg) -> str:
     import torch
 
     per_step = blocks_per_step(cfg.mode, cfg.T, cfg.chunk_size)  # blocks run together
-    pick = engine.resolve_identical(cfg.execution, per_step, cfg.device)
+    pick = engine.resolve_identical(cfg.effective_execution, per_step, cfg.device)
     return f", blocks: {pick}" + (f" on {torch.get_num_threads()} CPU threads" if pick == "threads" else "")
 
 
@@ -193,7 +201,8 @@ def _train(args) -> int:
     mode = {"dt": cfg.mode, "ct": "one network, per-sample t", "fm": "one network, per-sample t"}
     print(f"training {cfg.method} ({mode.get(cfg.method, 'end to end')}) on {split.name}: "
           f"{len(split.train)} train / {len(split.test)} test images, {cfg.epochs} epochs, device {cfg.device}"
-          f"{_execution_note(cfg)}")
+          f"{_execution_note(cfg)}{', ' + cfg.precision if cfg.precision != 'fp32' else ''}"
+          f"{', compiled' if cfg.compile else ''}")
     _, history = fit(cfg, split, args.checkpoint, args.metrics, args.resume, progress=not args.no_progress,
                      overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint)
     if history:

@@ -1,4 +1,5 @@
-"""The model a `TrainConfig` describes, and the check that a model brought to `fit` matches it."""
+"""The model a `TrainConfig` describes, the check that a model brought to `fit` matches it, and how a
+model is readied for a run (execution, device, layout, compilation)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,9 @@ from noprop.data import Dataset
 from noprop.embeddings import ClassEmbedding, make_embedding
 from noprop.models import BackpropDT, CNNClassifier, NoPropCT, NoPropDT, NoPropFM, ct_block, dt_block_factory
 from noprop.schedule import DTSchedule
+from noprop.training.compiling import apply_compile
 from noprop.training.config import CONTINUOUS, TrainConfig
+from noprop.training.precision import prepare_model
 
 MODEL_KINDS = {"dt": NoPropDT, "backprop": BackpropDT, "cnn": CNNClassifier, "ct": NoPropCT, "fm": NoPropFM}
 
@@ -62,4 +65,13 @@ def apply_execution(model, cfg: TrainConfig) -> None:
         reason = engine.why_not_stackable(list(model.blocks))
         if reason and len(model.blocks) > 1:
             raise ValueError(f"execution 'vmap': cannot stack these blocks: {reason} (use execution 'loop' or 'auto')")
-    model.execution = cfg.execution
+    model.execution = cfg.effective_execution
+
+
+def ready_for_training(model, cfg: TrainConfig, device):
+    """`model` as a run of `cfg` trains it on `device`: its execution, on the device, in the layout of
+    cfg.precision, its step's blocks compiled when cfg.compile. Returns the model (moved)."""
+    apply_execution(model, cfg)
+    model = prepare_model(model.to(device), cfg.precision, device)
+    apply_compile(model, cfg, device)
+    return model

@@ -2,10 +2,11 @@
 capture (training/graphs.py) share.
 
 `forward_backward` is the device work of an update: noise, the blocks' local losses (and CE + KL),
-and their backward, chunk by chunk or on block threads as the mode and the execution ask. The eager
+and their backward, chunk by chunk or on block threads as the mode and the execution ask, in the
+step's precision (training/precision.py, entered here and nowhere else in a step). The eager
 `train_step` then checks the loss on the host and steps the optimizers; the captured step
 (`captured_body`) cannot read the host, so it tells fused optimizers to skip a non-finite update on
-the device instead.
+the device instead. The optimizers step outside the precision: fp32 master weights, fp32 state.
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from noprop import engine
 from noprop.models import NoPropDT
 from noprop.ops import new_seed
 from noprop.stages import stage
+from noprop.training.compiling import is_compiled
 from noprop.training.config import TrainConfig
+from noprop.training.precision import precision_context, prepare_input
 
 
 class Optimizers:
@@ -109,8 +112,8 @@ def _accumulate(params, grads) -> None:
             p.grad = g if p.grad is None else p.grad + g
 
 
-def forward_backward(model, x, y, blocks=None, chunk_size: int | None = None,
-                     key_dropout: bool = True) -> tuple[list, torch.Tensor | None]:
+def forward_backward(model, x, y, blocks=None, chunk_size: int | None = None, key_dropout: bool = True,
+                     precision: str = "fp32") -> tuple[list, torch.Tensor | None]:
     """The device work of one update on (x, y), gradients left in .grad: (the detached losses of the
     chunks or thread groups in order, the step's noise seed; None for a baseline).
 
@@ -122,8 +125,20 @@ def forward_backward(model, x, y, blocks=None, chunk_size: int | None = None,
     groups' forwards and backwards run at once: the same update again, up to float rounding (the
     shared head's and embedding's gradients are summed group by group, in group order: a run on a
     given thread count repeats bit for bit). key_dropout=False leaves the dropout masks to torch's
-    generator on the CPU too, so the body reads nothing on the host (see `captured_body`).
+    generator on the CPU too, so the body reads nothing on the host (see `captured_body`); so does a
+    model whose blocks are compiled (training/compiling.py).
+
+    precision (config.PRECISIONS) spans the forward and the backward: tf32's switches must cover the
+    backward's matmuls and convolutions too, and under bf16 autocast the backward's ops already get
+    the dtypes the forward saved (autocast re-casts only a few reductions to fp32 there). Block
+    threads carry the CPU autocast state into their workers (noprop.engine.run_threaded).
     """
+    x = prepare_input(x, precision)
+    with precision_context(precision, x.device):
+        return _forward_backward(model, x, y, blocks, chunk_size, key_dropout and not is_compiled(model))
+
+
+def _forward_backward(model, x, y, blocks, chunk_size, key_dropout) -> tuple[list, torch.Tensor | None]:
     if not isinstance(model, NoPropDT):
         with stage("noprop.block_forward"):  # a baseline's whole forward and loss
             loss = model.loss(x, y)
@@ -160,11 +175,12 @@ def check_finite_loss(value: float) -> None:
                                  "inputs; this update was not applied")
 
 
-def train_step(model, opts: Optimizers, x, y, blocks=None, chunk_size: int | None = None) -> float:
+def train_step(model, opts: Optimizers, x, y, blocks=None, chunk_size: int | None = None,
+               precision: str = "fp32") -> float:
     """One update on minibatch (x, y) (see `forward_backward`); returns the loss. A non-finite loss
     raises FloatingPointError before the optimizers step, so the parameters keep their values."""
     opts.zero_grad()
-    losses, _ = forward_backward(model, x, y, blocks, chunk_size)
+    losses, _ = forward_backward(model, x, y, blocks, chunk_size, precision=precision)
     total = 0.0
     for loss in losses:  # summed on the host in chunk order, as the losses were formed
         total += loss.item()
@@ -180,14 +196,14 @@ def skips_nonfinite(opts: Optimizers) -> bool:
     return all(group.get("fused") for opt in opts.all() for group in opt.param_groups)
 
 
-def captured_body(model, opts: Optimizers, x: torch.Tensor, y: torch.Tensor):
+def captured_body(model, opts: Optimizers, x: torch.Tensor, y: torch.Tensor, precision: str = "fp32"):
     """The parallel-mode update on (x, y) as device work only, no host read: what a CUDA graph
     captures. `forward_backward` over every block, then the optimizers, told through `found_inf`
     (the flag GradScaler gives fused optimizers) to skip the update when the loss is not finite.
     Grads must be None or zero before it runs. Returns (loss, seed) as detached tensors. (On CPU,
     where the tests run this body, train_step also keys the blocks' dropout masks by the seed; this
     body draws them from torch's generator, as every step on CUDA does.)"""
-    losses, seed = forward_backward(model, x, y, key_dropout=False)
+    losses, seed = forward_backward(model, x, y, key_dropout=False, precision=precision)
     loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
     optimizers = opts.all()
     fused = skips_nonfinite(opts)
