@@ -52,16 +52,16 @@ def owned_state(model, opts, layout) -> dict:
     return out
 
 
-def steps(out: Path, tag: str, dp: int, **kw) -> None:
+def steps(out: Path, tag: str, dp: int, dtype=torch.float32, **kw) -> None:
     """A few block-parallel steps on fixed minibatches, straight through BlockParallelStep."""
     cfg = config(**kw)
     split = data()
     layout = make_layout(cfg.T, dp, "cpu", TIMEOUT_S)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, split.image_shape, split.num_classes, split.train)
+    model = build_model(cfg, split.image_shape, split.num_classes, split.train).to(dtype)
     opts = Optimizers(model, cfg, blocks=layout.owned)
     step = BlockParallelStep(model, opts, layout, Comm(layout), torch.device("cpu"), cfg.chunk)
-    losses = [step(x, y) for x, y in fixed_batches()]
+    losses = [step(x.to(dtype), y) for x, y in fixed_batches()]
     torch.save({"losses": losses, "state": owned_state(model, opts, layout), "owned": layout.owned,
                 "dp_rank": layout.dp_rank, "bytes": step.bytes_per_step()}, out / f"{tag}.{layout.rank}.pt")
 
@@ -95,7 +95,7 @@ def main(scenario: str, out: str, arg: str = "") -> int:
     quiet = lambda *a, **k: None  # noqa: E731
     if scenario == "world2":
         steps(out, "steps_onehot", 1)
-        steps(out, "steps_learned", 1, embedding="learned", embed_dim=6, mode="chunked", chunk_size=1)
+        steps(out, "steps_learned", 1, torch.float64, embedding="learned", embed_dim=6, mode="chunked", chunk_size=1)
         fit_distributed(config(epochs=1, augment_shift=1), data(), out / "ckpt_w2", progress=False, log=quiet)
         catch(out, "too_many_ranks", lambda: make_layout(1, 1, "cpu"))
         catch(out, "bad_dp", lambda: make_layout(T, 3, "cpu"))
@@ -105,7 +105,7 @@ def main(scenario: str, out: str, arg: str = "") -> int:
     elif scenario == "world4":
         fit_distributed(config(epochs=2, augment_shift=1), data(), out / "ckpt_w4", resume=True, progress=False,
                         log=quiet)
-        steps(out, "steps_2x2", 2, embedding="learned", embed_dim=6)
+        steps(out, "steps_2x2", 2)
     elif scenario == "kill":
         cfg = replace(config(T=3, epochs=3), T=3)
         torch.manual_seed(cfg.seed)

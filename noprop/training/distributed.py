@@ -310,7 +310,7 @@ class BlockParallelStep:
         lay, comm = self.layout, self.comm
         self.calls += 1
         comm.where = f"epoch {self.epoch}, minibatch {self.calls}"
-        x_r, y_r = x[lay.dp_rank::lay.dp], y[lay.dp_rank::lay.dp]
+        x_r, y_r = x[lay.dp_rank::lay.dp].contiguous(), y[lay.dp_rank::lay.dp].contiguous()
         weight = x_r.shape[0] / x.shape[0]  # this replica's share of the minibatch (1 when dp = 1)
         self.opts.zero_grad()
         seed = new_seed(self.device)
