@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -107,7 +106,7 @@ def main(scenario: str, out: str, arg: str = "") -> int:
                         log=quiet)
         steps(out, "steps_2x2", 2)
     elif scenario == "kill":
-        cfg = replace(config(T=3, epochs=3), T=3)
+        cfg = config(T=3)
         torch.manual_seed(cfg.seed)
         split = data(train_size=96)
         model = build_model(cfg, split.image_shape, split.num_classes, split.train)

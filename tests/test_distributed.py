@@ -224,11 +224,11 @@ def test_a_killed_rank_stops_the_survivors_with_its_name(tmp_path):
     assert time.monotonic() - start < 120
 
 
-def test_cli_trains_under_torchrun_env_and_eval_reads_the_folder(tmp_path, capsys):
+def test_cli_trains_under_torchrun_env_and_eval_reads_the_folder(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "run.dcp"
-    argv = ["-m", "noprop", "train", "--data", "synthetic:1,14,14,4,48", "-T", "2", "--epochs", "1",
-            "--batch-size", "16", "--execution", "loop", "--checkpoint", str(folder), "--no-progress"]
-    ranks = launch(2, argv, timeout=180)
+    args = ["train", "--data", "synthetic:1,14,14,4,48", "-T", "2", "--epochs", "1", "--batch-size", "16",
+            "--execution", "loop", "--checkpoint", str(folder), "--no-progress"]
+    ranks = launch(2, ["-m", "noprop"] + args, timeout=180)
     assert all(r.returncode == 0 for r in ranks), describe(ranks)
     assert "block ranks own blocks [[1], [2]]" in ranks[0].stdout and "final test accuracy" in ranks[0].stdout
     assert ranks[1].stdout == ""  # only rank 0 speaks
@@ -236,11 +236,14 @@ def test_cli_trains_under_torchrun_env_and_eval_reads_the_folder(tmp_path, capsy
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     history = json.loads((folder / "noprop.json").read_text())["history"]
     assert result["test_acc"] == history[-1]["test_acc"]  # the same model, evaluated in one process
-    # a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) resumes from the folder
-    ranks = launch(1, argv[:argv.index("--epochs") + 1] + ["2"] + argv[argv.index("--epochs") + 2:],
-                   timeout=120, extra_env={"TORCHELASTIC_RESTART_COUNT": "1"})
-    assert ranks[0].returncode == 0, describe(ranks)
-    assert "resuming after a restart" in ranks[0].stdout and "after epoch 1 (written by" in ranks[0].stdout
+    # a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) resumes from the folder, here on W = 1
+    store = _torchrun_env(monkeypatch)  # noqa: F841
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    args[args.index("--epochs") + 1] = "2"
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "resuming after a restart" in out and "after epoch 1 (written by {'W': 2, 'dp': 1}" in out, out
+    assert json.loads((folder / "noprop.json").read_text())["epoch"] == 2
 
 
 def _torchrun_env(monkeypatch):

@@ -27,6 +27,7 @@ import io
 import json
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -130,7 +131,7 @@ def save(path, model, opts, layout, comm, meta: dict) -> Path:
         partial.mkdir(parents=True)
     comm.barrier("preparing the checkpoint folder")
     state = _written_by(model, opts, layout)
-    comm.run("saving the checkpoint", lambda: dcp.save(state, storage_writer=FileSystemWriter(partial)))
+    comm.run("saving the checkpoint", lambda: _quietly(dcp.save, state, storage_writer=FileSystemWriter(partial)))
     if layout.rank == 0:
         write_text_atomically(partial / META, json.dumps({"format": FORMAT, **meta}, default=str))
         if path.exists():
@@ -140,6 +141,13 @@ def save(path, model, opts, layout, comm, meta: dict) -> Path:
         shutil.rmtree(old, ignore_errors=True)
     comm.barrier("finishing the checkpoint")
     return path
+
+
+def _quietly(fn, *args, **kwargs):
+    """DCP warns that it assumes one process whenever no process group is initialised: that is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        return fn(*args, **kwargs)
 
 
 def _index(path: Path) -> dict:
@@ -152,7 +160,7 @@ def _index(path: Path) -> dict:
 
 def _load(path: Path, state: dict) -> None:
     try:
-        dcp.load(state, storage_reader=SafeReader(path), no_dist=True)
+        _quietly(dcp.load, state, storage_reader=SafeReader(path), no_dist=True)
     except Exception as exc:  # DCP wraps a reader's failures in CheckpointException
         text = str(exc).strip().splitlines()
         raise ckpt.CheckpointError(f"checkpoint {path} could not be read ({text[0] if text else type(exc).__name__})")
