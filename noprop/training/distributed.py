@@ -1,5 +1,6 @@
 """Block-parallel NoProp-DT across processes: the mesh, who owns which blocks, the step's few
-collectives, the data split over replicas, and what a survivor says when a rank dies.
+collectives, the data split over replicas (the process group itself, its collectives and its
+faults: training/dist_group.py, whose names are re-exported here).
 
 W processes form a 2-D mesh (dp, block): dp data-parallel replicas (default 1), each of W / dp
 block ranks. Block rank r of every replica owns a contiguous slice of the T blocks (computed from
@@ -24,10 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import time
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -36,10 +34,10 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from noprop import engine
 from noprop.ops import new_seed
 from noprop.training.config import TrainConfig
+from noprop.training.dist_group import (BACKENDS, DEFAULT_TIMEOUT_S, Comm, DistributedError, abandon, active,  # noqa: F401
+                                        choose_backend, init_from_env, launched, leave, rank_device)
 from noprop.training.step import check_finite_loss, forward_backward
 
-BACKENDS = ("auto", "gloo", "nccl")
-DEFAULT_TIMEOUT_S = 300.0
 _SEED_RANGE = 2**62  # new_seed draws in [0, 2**62)
 _REPLICA_STRIDE = 0x9E3779B97F4A7C1  # odd, < 2**62: replica i's seed is seed + i * stride (mod 2**62)
 WHY_NOT_SEQUENTIAL = ("mode sequential trains one block per pass over the data (Algorithm 1), so all but one "
@@ -47,86 +45,6 @@ WHY_NOT_SEQUENTIAL = ("mode sequential trains one block per pass over the data (
                       "lean (every block on every minibatch)")
 WHY_NOT_GRAPH = ("--cuda-graph is not supported distributed: the captured step would have to contain the step's "
                  "collectives; drop --cuda-graph (each rank runs the eager step)")
-
-
-class DistributedError(RuntimeError):
-    """A distributed run cannot start or cannot go on; the message says why (and names a dead rank)."""
-
-
-def launched() -> bool:
-    """Whether this process was started by torchrun (or the like): the env names a rank and a world."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def active() -> bool:
-    """Whether a default process group is initialised here (training then runs block-parallel)."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def choose_backend(device, requested: str = "auto") -> str:
-    """gloo for CPU tensors, NCCL for CUDA ones (auto); an explicit choice that cannot run raises."""
-    if requested not in BACKENDS:
-        raise ValueError(f"distributed backend must be one of {BACKENDS}, got {requested!r}")
-    kind = torch.device(device).type
-    backend = requested if requested != "auto" else ("nccl" if kind == "cuda" else "gloo")
-    if backend == "nccl":
-        if not (dist.is_available() and dist.is_nccl_available()):
-            raise ValueError("distributed backend nccl: this torch build has no NCCL (use gloo)")
-        if not torch.cuda.is_available():
-            raise ValueError("distributed backend nccl needs CUDA GPUs, but none is visible to torch "
-                             "(on CPU use gloo, the default there)")
-        if kind != "cuda":
-            raise ValueError(f"distributed backend nccl moves CUDA tensors only, but the device is {str(device)!r} "
-                             "(train with --device cuda, or use gloo)")
-    elif not (dist.is_available() and dist.is_gloo_available()):
-        raise ValueError("distributed backend gloo: this torch build has no gloo")
-    return backend
-
-
-def rank_device(device: str) -> str:
-    """The device of this rank: a bare 'cuda' becomes cuda:LOCAL_RANK (one GPU per process)."""
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return device
-
-
-def init_from_env(device, backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-    """Initialise the default process group from torchrun's env (env://) with a bounded timeout:
-    a collective that waits longer than timeout_s for a peer fails instead of hanging."""
-    if active():
-        return
-    chosen = choose_backend(device, backend)
-    if torch.device(device).type == "cuda":
-        torch.cuda.set_device(torch.device(device))
-    try:
-        dist.init_process_group(chosen, timeout=timedelta(seconds=timeout_s))
-    except (RuntimeError, ValueError) as exc:
-        raise DistributedError(f"could not join the process group ({_first_line(exc)}): is every rank launched "
-                               f"with the same MASTER_ADDR/MASTER_PORT and WORLD_SIZE?") from None
-
-
-def leave() -> None:
-    """End of a run: wait for every rank (rank 0 may host the store the others still use), then
-    destroy the process group."""
-    if not active():
-        return
-    try:
-        dist.barrier()
-    except (RuntimeError, ValueError) as exc:
-        raise DistributedError(f"rank {dist.get_rank()}: the run finished here but not on every rank "
-                               f"({_first_line(exc)})") from None
-    dist.destroy_process_group()
-
-
-def abandon() -> None:
-    """Drop the process group without waiting for the others (after an error every rank raised)."""
-    if active():
-        dist.destroy_process_group()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @dataclass
@@ -186,69 +104,6 @@ def replica_seed(seed: torch.Tensor, dp_rank: int) -> torch.Tensor:
     if dp_rank == 0:
         return seed
     return (seed + (dp_rank * _REPLICA_STRIDE) % _SEED_RANGE) % _SEED_RANGE
-
-
-class Comm:
-    """The collectives of a run, each wrapped so that a failure (a peer died, hung, or raised) stops
-    this rank with a DistributedError that names the ranks that did not answer a roll call."""
-
-    def __init__(self, layout: Layout):
-        self.layout = layout
-        self.where = "start-up"  # set by the loop: which step of which epoch
-        self.bytes = 0  # bytes this rank put into collectives (the step's, for bench)
-
-    def run(self, what: str, fn):
-        if not active():
-            return fn()
-        try:
-            return fn()
-        except (RuntimeError, ValueError) as exc:  # DistBackendError, gloo's connection errors, timeouts
-            raise self.failure(what, exc) from None
-
-    def failure(self, what: str, exc: BaseException) -> DistributedError:
-        lay = self.layout
-        window = min(30.0, max(2.0, lay.timeout_s / 10))
-        missing = roll_call(lay.rank, lay.world, window)
-        if missing is None:
-            who = "rank 0 (or the rendezvous store it hosts) is unreachable"
-        elif missing:
-            who = (f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} stopped: no answer "
-                   f"within {window:.0f} s (died, raised an error of its own, or hangs)")
-        else:
-            who = "every rank answered the roll call, so no rank died: a collective failed or timed out"
-        return DistributedError(f"rank {lay.rank} stops: {who}, during {what} ({self.where}); "
-                                f"the collective said: {_first_line(exc)}")
-
-    def broadcast(self, tensor, src: int = 0, group=None, what: str = "broadcast"):
-        self.bytes += tensor.numel() * tensor.element_size()
-        self.run(what, lambda: dist.broadcast(tensor, src=src, group=group) if group is None else
-                 dist.broadcast(tensor, group=group, group_src=src))
-
-    def all_reduce(self, tensor, group=None, what: str = "all-reduce"):
-        self.bytes += tensor.numel() * tensor.element_size()
-        self.run(what, lambda: dist.all_reduce(tensor, group=group))
-
-    def barrier(self, what: str = "barrier"):
-        if active():
-            self.run(what, lambda: dist.barrier())
-
-
-def roll_call(rank: int, world: int, window_s: float):
-    """Each surviving rank checks in on the default store; returns the ranks that did not within
-    window_s (sorted), or None if the store itself is gone."""
-    try:
-        store = dist.distributed_c10d._get_default_store()
-        prefix = f"noprop/rollcall/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
-        store.set(prefix + str(rank), "alive")
-        missing = set(range(world)) - {rank}
-        deadline = time.monotonic() + window_s
-        while missing and time.monotonic() < deadline:
-            missing = {r for r in missing if not store.check([prefix + str(r)])}
-            if missing:
-                time.sleep(0.1)
-        return sorted(missing)
-    except Exception:  # the store's host died or the store was never reachable
-        return None
 
 
 def check_same_setup(cfg: TrainConfig, layout: Layout, comm: Comm, data: dict) -> None:
