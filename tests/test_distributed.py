@@ -12,8 +12,12 @@ runs are compared in float64, where the difference stays near float64 rounding (
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +29,7 @@ from noprop.checkpoint import CheckpointError
 from noprop.training import Optimizers, build_model, fit, forward_backward, train_step
 from noprop.training import dist_checkpoint, loop
 from tests import dist_worker as worker
-from tests.dist_helper import describe, launch
+from tests.dist_helper import REPO, describe, launch
 
 WORKER = ["-m", "tests.dist_worker"]
 STRIDE = 0x9E3779B97F4A7C1  # replica i > 0 draws its noise from seed + i * STRIDE (mod 2**62)
@@ -284,3 +288,44 @@ def test_a_dcp_index_asking_for_other_globals_is_refused(world2, tmp_path):
     with pytest.raises(CheckpointError, match="system is not part of a DCP index"):
         dist_checkpoint.load_model(folder)
     assert not (tmp_path / "pwned").exists()
+
+
+def _children(pid: int) -> list:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
+def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
+    """The real torchrun: a worker SIGKILLed after the first checkpoint; the agent restarts both,
+    which resume from the folder (on a fresh set of rendezvous keys) and finish the run."""
+    folder = tmp_path / "run.dcp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           "-m", "noprop", "train", "--data", "synthetic:1,14,14,4,256", "-T", "2", "--epochs", "6",
+           "--batch-size", "16", "--execution", "loop", "--checkpoint", str(folder), "--no-progress",
+           "--dist-timeout", "30"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (folder / "noprop.json").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        workers = _children(proc.pid)
+        assert workers, "torchrun started no workers"
+        os.kill(workers[-1], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out[-3000:]
+    assert "resuming after a restart" in out and "resumed from" in out, out[-3000:]
+    meta = json.loads((folder / "noprop.json").read_text())
+    assert meta["epoch"] == 6 and [h["epoch"] for h in meta["history"]] == [1, 2, 3, 4, 5, 6]

@@ -72,8 +72,19 @@ def init_from_env(device, backend: str = "auto", timeout_s: float = DEFAULT_TIME
     chosen = choose_backend(device, backend)
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(torch.device(device))
+    timeout = timedelta(seconds=timeout_s)
     try:
-        dist.init_process_group(chosen, timeout=timedelta(seconds=timeout_s))
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's agent keeps one store across restarts: a restarted worker reading the keys its
+            # dead predecessor wrote would dial a gone address, so every attempt gets keys of its own
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                  int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+            dist.init_process_group(chosen, store=dist.PrefixStore(f"noprop/attempt-{attempt}/", store),
+                                    rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                                    timeout=timeout)
+        else:
+            dist.init_process_group(chosen, timeout=timeout)
     except (RuntimeError, ValueError) as exc:
         raise DistributedError(f"could not join the process group ({first_line(exc)}): is every rank launched "
                                f"with the same MASTER_ADDR/MASTER_PORT and WORLD_SIZE?") from None
@@ -191,8 +202,10 @@ class Comm:
         else:
             who = ("every rank is alive, so none died: a collective failed or timed out (a rank that raised an "
                    "error of its own, or one stuck longer than --dist-timeout)")
+        said = first_line(exc)
+        said = said if len(said) <= 160 else said[:157] + "..."
         return DistributedError(f"rank {lay.rank} stops: {who}, during {what} ({self.where}); "
-                                f"the collective said: {first_line(exc)}")
+                                f"the collective said: {said}")
 
     def broadcast(self, tensor, src: int = 0, group=None, what: str = "broadcast"):
         self.bytes += tensor.numel() * tensor.element_size()
