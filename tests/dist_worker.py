@@ -105,6 +105,7 @@ def main(scenario: str, out: str, arg: str = "") -> int:
         fit_distributed(config(epochs=2, augment_shift=1), data(), out / "ckpt_w4", resume=True, progress=False,
                         log=quiet)
         steps(out, "steps_2x2", 2)
+        fit_distributed(config(), data(), out / "ckpt_2x2", progress=False, log=quiet, dp=2)
     elif scenario == "kill":
         cfg = config(T=3)
         torch.manual_seed(cfg.seed)

@@ -172,6 +172,9 @@ def test_2x2_matches_one_process_normalising_each_replica_half(world4):
             assert torch.equal(v, ref[k]), k
         covered |= set(r["state"])
     assert covered == set(ref)
+    # a 2 x 2 run's checkpoint (replica 1 writes nothing) holds the whole model for one process
+    model, _, meta = dist_checkpoint.load_model(world4 / "ckpt_2x2")
+    assert meta["world"] == {"W": 4, "dp": 2} and meta["epoch"] == 1 and model.T == 4
 
 
 def _uninterrupted(tmp_path):
