@@ -32,9 +32,11 @@ class Optimizers:
     Backprop baselines: a single AdamW over everything.
     capturable (default: cfg.cuda_graph) builds them capturable, as a CUDA graph of the step needs
     (training/graphs.py); only on CUDA, and kept through `load_state_dict`.
+    blocks (1-based; None = all): the blocks this process trains, when the others are trained
+    elsewhere (block-parallel training, training/distributed.py); not with sequential.
     """
 
-    def __init__(self, model, cfg: TrainConfig, capturable: bool | None = None):
+    def __init__(self, model, cfg: TrainConfig, capturable: bool | None = None, blocks=None):
         self.capturable = cfg.cuda_graph if capturable is None else bool(capturable)
         kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
         device = next(model.parameters()).device
@@ -50,8 +52,9 @@ class Optimizers:
                 self.blocks = [torch.optim.AdamW(b.parameters(), **kw) for b in model.blocks]
                 self.shared = torch.optim.AdamW([shared_group], **kw)
             else:
-                self.shared = torch.optim.AdamW([{"params": list(model.blocks.parameters())}, shared_group],
-                                                **kw, **fast)
+                ts = range(1, model.T + 1) if blocks is None else blocks
+                owned = [p for t in ts for p in model.blocks[t - 1].parameters()]
+                self.shared = torch.optim.AdamW([{"params": owned}, shared_group], **kw, **fast)
         else:
             self.shared = torch.optim.AdamW(model.parameters(), **kw, **fast)
 
@@ -113,7 +116,8 @@ def _accumulate(params, grads) -> None:
 
 
 def forward_backward(model, x, y, blocks=None, chunk_size: int | None = None, key_dropout: bool = True,
-                     precision: str = "fp32") -> tuple[list, torch.Tensor | None]:
+                     precision: str = "fp32", seed: torch.Tensor | None = None,
+                     include_shared: bool = True) -> tuple[list, torch.Tensor | None]:
     """The device work of one update on (x, y), gradients left in .grad: (the detached losses of the
     chunks or thread groups in order, the step's noise seed; None for a baseline).
 
@@ -124,7 +128,9 @@ def forward_backward(model, x, y, blocks=None, chunk_size: int | None = None, ke
     noprop.engine), each chunk's blocks are split into one contiguous group per thread and the
     groups' forwards and backwards run at once: the same update again, up to float rounding (the
     shared head's and embedding's gradients are summed group by group, in group order: a run on a
-    given thread count repeats bit for bit). key_dropout=False leaves the dropout masks to torch's
+    given thread count repeats bit for bit). seed: the step's noise seed (default: drawn here);
+    include_shared=False leaves CE + KL to another process (distributed block ranks share one seed
+    and count the shared terms once). key_dropout=False leaves the dropout masks to torch's
     generator on the CPU too, so the body reads nothing on the host (see `captured_body`); so does a
     model whose blocks are compiled (training/compiling.py).
 
@@ -135,10 +141,12 @@ def forward_backward(model, x, y, blocks=None, chunk_size: int | None = None, ke
     """
     x = prepare_input(x, precision)
     with precision_context(precision, x.device):
-        return _forward_backward(model, x, y, blocks, chunk_size, key_dropout and not is_compiled(model))
+        return _forward_backward(model, x, y, blocks, chunk_size, key_dropout and not is_compiled(model), seed,
+                                 include_shared)
 
 
-def _forward_backward(model, x, y, blocks, chunk_size, key_dropout) -> tuple[list, torch.Tensor | None]:
+def _forward_backward(model, x, y, blocks, chunk_size, key_dropout, seed,
+                      include_shared) -> tuple[list, torch.Tensor | None]:
     if not isinstance(model, NoPropDT):
         with stage("noprop.block_forward"):  # a baseline's whole forward and loss
             loss = model.loss(x, y)
@@ -147,7 +155,7 @@ def _forward_backward(model, x, y, blocks, chunk_size, key_dropout) -> tuple[lis
         return [loss.detach()], None
     ts = list(range(1, model.T + 1)) if blocks is None else list(blocks)
     k = len(ts) if chunk_size is None else max(1, chunk_size)
-    seed = new_seed(x.device)
+    seed = new_seed(x.device) if seed is None else seed
     losses = []
     shared = None  # the trainable shared parameters, gathered once a threaded chunk needs them
     for i in range(0, len(ts), k):
@@ -158,11 +166,11 @@ def _forward_backward(model, x, y, blocks, chunk_size, key_dropout) -> tuple[lis
             if shared is None:
                 shared = [p for p in model.shared_parameters() if p.requires_grad]
             for loss, shared_grads in engine.run_threaded(groups, lambda j, group: _group_update(
-                    model, x, y, group, seed, i == 0 and j == 0, shared)):
+                    model, x, y, group, seed, include_shared and i == 0 and j == 0, shared)):
                 losses.append(loss)
                 _accumulate(shared, shared_grads)  # in group order: the same sum whatever the timing
         else:
-            loss = _chunk_loss(model, x, y, chunk, seed, i == 0, key_dropout)
+            loss = _chunk_loss(model, x, y, chunk, seed, include_shared and i == 0, key_dropout)
             with stage("noprop.backward"):
                 loss.backward()
             losses.append(loss.detach())
