@@ -16,7 +16,7 @@ import torch.distributed as dist  # noqa: E402
 
 from noprop.data import synthetic  # noqa: E402
 from noprop.training import Optimizers, TrainConfig, build_model, fit_distributed  # noqa: E402
-from noprop.training.distributed import (BlockParallelStep, Comm, DistributedError, init_from_env,  # noqa: E402
+from noprop.training.distributed import (BlockParallelStep, Comm, DistributedError, init_from_env, leave,  # noqa: E402
                                          make_layout)
 
 T = 4
@@ -117,8 +117,7 @@ def main(scenario: str, out: str, arg: str = "") -> int:
         except DistributedError as exc:
             print(f"noprop train: error: {exc}", file=sys.stderr)
             return 2
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()  # every rank reaches the end, then the heartbeat stops and the group goes
     return 0
 
 

@@ -9,6 +9,7 @@ stops with. A rank that merely computes slowly keeps beating, so it is not named
 """
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 import time
@@ -144,11 +145,17 @@ class _Heartbeat:
         self.thread.start()
 
     def stop(self) -> None:
+        """Stop beating and wait for the thread: one still inside a store call when the interpreter
+        exits makes the C++ runtime abort the process (exit -6) after a clean run."""
         self.halt.set()
         self.group = None
+        thread, self.thread = self.thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2 * BEAT_S + 5)
 
 
 _heart = _Heartbeat()
+atexit.register(_heart.stop)
 
 
 def roll_call(rank: int, world: int) -> list | None:
