@@ -174,6 +174,14 @@ if [[ $DRY == 0 ]]; then
   step bench-b128 150 "${NOPROP[@]}" bench --device cuda --batch 128 --chunk-size 5 --execution both --cuda-graph --repeats "$REPEATS" \
     --json "$OUT/bench_b128.json" --csv "$OUT/bench_b128.csv"
   step profile 60 "${NOPROP[@]}" profile --device cuda --steps 3 --nvtx --out "$OUT/profile"
+  # The whole step in each precision, DT and backprop treated alike (same precision, graph capture),
+  # at B = 1024 and 4096; the bf16 profile gives the step's shares and operator calls after the change.
+  step bench-precision 150 "${NOPROP[@]}" bench --device cuda --batch 1024 --methods dt,backprop --modes parallel \
+    --precision fp32,tf32,bf16 --cuda-graph --repeats 2 --json "$OUT/bench_precision_b1024.json" \
+    --csv "$OUT/bench_precision_b1024.csv"
+  step bench-b4096 120 "${NOPROP[@]}" bench --device cuda --batch 4096 --methods dt,backprop --modes parallel \
+    --precision fp32,bf16 --cuda-graph --repeats 2 --json "$OUT/bench_b4096.json" --csv "$OUT/bench_b4096.csv"
+  step profile-bf16 60 "${NOPROP[@]}" profile --device cuda --steps 3 --precision bf16 --out "$OUT/profile_bf16"
   # The main job on the GPU: accuracy and wall time of DT and backprop, each step replayed as a graph.
   step train 100 env PYTHON="$PYTHON" bash bench/gpu_train.sh "$OUT"
   # The same DT step with each op backend (end-to-end effect of the fused kernels).

@@ -35,10 +35,13 @@ def _subtitle(records) -> str:
 
 def _label(r) -> str:
     graph = "+graph" if r.get("cuda_graph") else ""
+    tags = [t for t in (r.get("precision") if r.get("precision", "fp32") != "fp32" else None,
+                        "compile" if r.get("compile") else None) if t]
+    tail = f"\n[{', '.join(tags)}]" if tags else ""
     if r["method"] != "dt":
-        return r["method"] + graph + ("\n(1 block, not\nequal work)" if r["method"] == "cnn" else "\n(end to end)")
+        return r["method"] + graph + ("\n(1 block, not\nequal work)" if r["method"] == "cnn" else "\n(end to end)") + tail
     ex = r.get("execution_used") or r.get("execution")
-    return f"DT {r['mode']}{graph}\n({ex})"
+    return f"DT {r['mode']}{graph}\n({ex}){tail}"
 
 
 def _bars(ax, records, values, errs=None, ratios=None, unit="", fmt="{:.0f}"):
@@ -51,7 +54,7 @@ def _bars(ax, records, values, errs=None, ratios=None, unit="", fmt="{:.0f}"):
     for i, v in enumerate(values):
         text = fmt.format(v) + unit
         if ratios is not None and ratios[i] is not None:
-            text += f"\n×{ratios[i]:.2f}"
+            text += f"\n×{ratios[i]:.2f}" + ("*" if records[i].get("ratio_unlike") else "")
         ax.text(i, v + (errs[1][i] if errs else 0) + top * 0.02, text, ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(xs))
     ax.set_xticklabels(labels, fontsize=8)
@@ -71,7 +74,9 @@ def throughput(records, path: Path) -> Path:
     graphs = any(r.get("ratio_base") == "backprop+graph" for r in recs)
     ax.set_title("Training throughput, equal work (T block updates per sample)\n"
                  "label: samples/s and ×throughput of backprop (median of side-by-side rounds"
-                 + ("; +graph bars: × backprop+graph" if graphs else "") + "); whiskers: min-max", fontsize=9)
+                 + ("; +graph bars: × backprop+graph" if graphs else "")
+                 + ("; ×…*: against backprop of another precision/compile/capture" if any(
+                     r.get("ratio_unlike") for r in recs) else "") + "); whiskers: min-max", fontsize=9)
     fig.suptitle(_subtitle(recs), fontsize=8, y=0.995)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -12,9 +12,13 @@ from pathlib import Path
 from noprop.devices import set_threads, usable_device
 from noprop.options import check_ranges
 from noprop import engine
-from noprop.training.config import METHODS, MODE_ALIASES, MODES, TrainConfig, blocks_per_step, canonical_mode
+from noprop.training.config import (METHODS, MODE_ALIASES, MODES, PRECISIONS, TrainConfig, blocks_per_step,
+                                    canonical_mode)
+from noprop.training.distributed import BACKENDS as DIST_BACKENDS, DEFAULT_TIMEOUT_S
 
 DEFAULTS = TrainConfig()
+DEFAULT_CHECKPOINT = "runs/noprop.pt"
+DEFAULT_DIST_CHECKPOINT = "runs/noprop.dcp"  # block-parallel runs write a folder (training/dist_checkpoint.py)
 
 
 def _add_data_args(p, source: bool = True):
@@ -46,6 +50,13 @@ def _add_train_args(p):
                    help="dt in mode parallel, or backprop, with --device cuda: capture the training step "
                         "once as a CUDA graph and replay it for every full batch (fresh noise each replay; a last "
                         "partial batch runs eagerly)")
+    p.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision,
+                   help="arithmetic of every step and evaluation: fp32; tf32 (CUDA: matmuls and convolutions round "
+                        "inputs to TF32); bf16 (autocast; fp32 master weights and AdamW state; the fused ops "
+                        "accumulate in fp32). tf32 and bf16 keep convolutions channels_last on CUDA")
+    p.add_argument("--compile", action="store_true",
+                   help="run the blocks of each step through torch.compile (dt, backprop, cnn; not with --execution "
+                        "threads; the first steps pay the compilation; dropout masks come from the compiled graph)")
     p.add_argument("--execution", choices=engine.EXECUTIONS, default=DEFAULTS.execution,
                    help="how the blocks of a step run: one by one (loop), stacked with vmap, in groups on CPU "
                         "threads at once (threads: block parallelism, sharing torch's intra-op threads), or auto "
@@ -131,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_train_args(p)
     _add_data_args(p)
-    p.add_argument("--checkpoint", default="runs/noprop.pt", help="checkpoint written (atomically) after every epoch")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                   help="checkpoint written (atomically) after every epoch (block-parallel runs: a folder, by default "
+                        f"{DEFAULT_DIST_CHECKPOINT})")
     p.add_argument("--metrics", default=None, help="write one JSON object per epoch to this file")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from --checkpoint")
     p.add_argument("--overwrite", action="store_true",
@@ -140,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--resume from a checkpoint that holds more than tensors and plain containers, unpickling "
                         "it in full, which can run code from the file: only for files you trust")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    g = p.add_argument_group("block-parallel training, under torchrun (docs/distributed.md)")
+    g.add_argument("--dp", type=int, default=1,
+                   help="data-parallel replicas: the W processes form a (dp, W/dp) mesh, and each replica's W/dp "
+                        "ranks split the T blocks between them")
+    g.add_argument("--dist-backend", choices=DIST_BACKENDS, default="auto", help="auto: gloo on CPU, nccl on CUDA")
+    g.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help="seconds a collective waits for a peer; then the run stops, naming the ranks that did not "
+                        "answer")
 
     p = sub.add_parser("eval", allow_abbrev=False, help="score a checkpoint on its test set",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -176,7 +197,7 @@ def _execution_note(cfg) -> str:
     import torch
 
     per_step = blocks_per_step(cfg.mode, cfg.T, cfg.chunk_size)  # blocks run together
-    pick = engine.resolve_identical(cfg.execution, per_step, cfg.device)
+    pick = engine.resolve_identical(cfg.effective_execution, per_step, cfg.device)
     return f", blocks: {pick}" + (f" on {torch.get_num_threads()} CPU threads" if pick == "threads" else "")
 
 
@@ -190,10 +211,14 @@ def _train(args) -> int:
     _check_options_apply(cfg, values)
     usable_device(cfg.device)  # before the data loads: a missing GPU is the first thing said
     split = load(cfg.data, cfg.data_dir, cfg.seed)
+    from noprop.training import distributed
+    if distributed.launched() or args.dp != 1:
+        return _train_distributed(args, cfg, split)
     mode = {"dt": cfg.mode, "ct": "one network, per-sample t", "fm": "one network, per-sample t"}
     print(f"training {cfg.method} ({mode.get(cfg.method, 'end to end')}) on {split.name}: "
           f"{len(split.train)} train / {len(split.test)} test images, {cfg.epochs} epochs, device {cfg.device}"
-          f"{_execution_note(cfg)}")
+          f"{_execution_note(cfg)}{', ' + cfg.precision if cfg.precision != 'fp32' else ''}"
+          f"{', compiled' if cfg.compile else ''}")
     _, history = fit(cfg, split, args.checkpoint, args.metrics, args.resume, progress=not args.no_progress,
                      overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint)
     if history:
@@ -201,6 +226,46 @@ def _train(args) -> int:
         print(f"final test accuracy {last['test_acc']:.4f} after {last['elapsed_s']:.0f}s of training; "
               f"checkpoint {args.checkpoint}")
     return 0
+
+
+def _train_distributed(args, cfg, split) -> int:
+    """Block-parallel training over the processes torchrun started (training/distributed.py). Under
+    `torchrun --max-restarts N` a restarted run resumes from the checkpoint folder if there is one."""
+    from noprop.training import distributed, fit_distributed
+    from noprop.training.dist_checkpoint import is_distributed_checkpoint
+
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if args.checkpoint == DEFAULT_CHECKPOINT:
+        args.checkpoint = DEFAULT_DIST_CHECKPOINT  # a folder of DCP files, not one file
+    resume = args.resume
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0 and is_distributed_checkpoint(args.checkpoint):
+        resume = True
+    if rank0:
+        print(f"training dt ({cfg.mode}, block-parallel over {os.environ.get('WORLD_SIZE', '1')} process(es), dp "
+              f"{args.dp}) on {split.name}: {len(split.train)} train / {len(split.test)} test images, {cfg.epochs} "
+              f"epochs, device {cfg.device}{' (resuming after a restart)' if resume and not args.resume else ''}")
+    try:
+        if distributed.launched():
+            distributed.init_from_env(distributed.rank_device(cfg.device), args.dist_backend, args.dist_timeout)
+        _, history = fit_distributed(cfg, split, args.checkpoint, args.metrics, resume,
+                                     progress=rank0 and not args.no_progress, log=print if rank0 else _silent,
+                                     dp=args.dp, timeout_s=args.dist_timeout, overwrite=args.overwrite)
+        distributed.leave()
+    except distributed.DistributedError as exc:
+        print(f"noprop train: error: {exc}", file=sys.stderr)
+        return 2
+    except BaseException:  # a bad set-up every rank refuses alike, Ctrl-C: main says it in one line
+        distributed.abandon()
+        raise
+    if history and rank0:
+        last = history[-1]
+        print(f"final test accuracy {last['test_acc']:.4f} after {last['elapsed_s']:.0f}s of training; "
+              f"checkpoint folder {args.checkpoint} (noprop eval {args.checkpoint})")
+    return 0
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
 
 
 def _eval(args) -> int:
@@ -247,9 +312,9 @@ def _interrupted_note(args, started: float) -> str:
     if args.command != "train" or not args.checkpoint:
         return ""
     ck = Path(args.checkpoint)
-    if ck.is_file() and (args.resume or ck.stat().st_mtime >= started):
+    if ck.exists() and (args.resume or ck.stat().st_mtime >= started):
         return f" (the checkpoint {ck} of the last completed epoch is intact; continue with --resume)"
-    earlier = f"; {ck} is from an earlier run" if ck.is_file() else ""
+    earlier = f"; {ck} is from an earlier run" if ck.exists() else ""
     return f" (before its first epoch ended: this run wrote no checkpoint{earlier})"
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import pickle
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from noprop.array_pickle import RefusedGlobal, load_array_pickle
 
 
 class DataError(ValueError):
@@ -205,52 +206,13 @@ def _load_mnist_dir(root: Path) -> Split | None:
                        y_te.astype(np.int64), 10, "mnist")
 
 
-def _latin1_encode(text, encoding="utf-8", errors="strict"):
-    # Protocol-2 pickles written by Python 3 store non-empty bytes as _codecs.encode(text, "latin1"); no
-    # other codec is needed, and admitting any name would let a file pick an arbitrary codec module.
-    if encoding not in ("latin1", "latin-1", "iso-8859-1") or not isinstance(text, str):
-        raise pickle.UnpicklingError(f"_codecs.encode with codec {encoding!r}")
-    return text.encode("latin1", errors)
-
-
-def _numpy_rebuilders() -> dict:
-    # The functions numpy's own pickles of arrays, dtypes and scalars name, taken from numpy itself
-    # so that both numpy.core (numpy 1) and numpy._core (numpy 2) spellings map to the loaded numpy.
-    reconstruct, scalar = np.zeros(1).__reduce__()[0], np.float64(0).__reduce__()[0]
-    frombuffer = np.zeros(1).__reduce_ex__(5)[0]
-    table = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1_encode,
-             ("__builtin__", "bytes"): bytes, ("builtins", "bytes"): bytes}  # protocol 2 spells b"" as bytes()
-    for core in ("numpy.core", "numpy._core"):
-        table[(f"{core}.multiarray", "_reconstruct")] = reconstruct
-        table[(f"{core}.multiarray", "scalar")] = scalar
-        table[(f"{core}.numeric", "_frombuffer")] = frombuffer
-    return table
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """Builds lists, dicts, strings, bytes, numbers and numpy arrays; refuses every other global, so a
-    batch file cannot make the loader call os.system, eval or any other function."""
-
-    allowed = _numpy_rebuilders()
-
-    def __init__(self, file, path: Path):
-        super().__init__(file, encoding="latin1")
-        self.path = path
-
-    def find_class(self, module, name):
-        found = self.allowed.get((module, name))
-        if found is None:
-            raise DataError(f"CIFAR batch {self.path}: refusing to load a pickle that asks for {module}.{name} "
-                            "(a CIFAR batch holds only lists, dicts, bytes and numpy arrays)")
-        return found
-
-
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            batch = _CifarUnpickler(f, path).load()
-    except DataError:
-        raise
+            batch = load_array_pickle(f)
+    except RefusedGlobal as exc:
+        raise DataError(f"CIFAR batch {path}: refusing to load a pickle that asks for {exc.name} (a CIFAR batch "
+                        "holds only lists, dicts, bytes and numpy arrays)") from None
     except Exception as exc:  # a damaged pickle can fail in many ways; each is one line for the user
         raise DataError(f"cannot read CIFAR batch {path}: {_one_line(exc)}") from None
     if not isinstance(batch, dict):

@@ -191,6 +191,12 @@ def _runner(op: str, device: torch.device):
         # Triton runs only in its interpreter, whether TRITON_INTERPRET is on.
         module = _chosen_module(device, tuple([getattr(a, "dtype", None) for a in args]), requested_backend(),
                                 device.type == "cpu" and triton_interpreted())
+        if torch.is_autocast_enabled(device.type):
+            # The kernels pick their own arithmetic (fp32 accumulation for fp16/bf16/fp32 inputs). Under
+            # a bf16 autocast region the torch ops inside a backend (the eager code, the CUDA extension's
+            # dW GEMM) would be re-cast to bf16 and mix dtypes, so a backend runs with autocast off.
+            with torch.autocast(device.type, enabled=False):
+                return getattr(module, op)(*args)
         return getattr(module, op)(*args)
 
     run.__name__ = run.__qualname__ = op

@@ -90,6 +90,19 @@ def _requested() -> str:
         return f"invalid ({exc})"
 
 
+def _distributed() -> str:
+    """Whether block-parallel training (training/distributed.py) can run here, and on which backends."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return "torch.distributed: not in this torch build (block-parallel training cannot run)"
+    nccl = dist.is_nccl_available()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return (f"torch.distributed: available | gloo (CPU): {'yes' if dist.is_gloo_available() else 'no'} | "
+            f"nccl (CUDA): {'yes' if nccl and gpus else ('built, but no GPU visible' if nccl else 'no')} "
+            f"| block-parallel: torchrun --nproc_per_node=W -m noprop train ...")
+
+
 def report() -> str:
     cuda = torch.version.cuda or "none (CPU-only torch build)"
     lines = [
@@ -99,6 +112,7 @@ def report() -> str:
         f"  NOPROP_BACKEND={os.environ.get('NOPROP_BACKEND', 'auto')} (requested: {_requested()}) | "
         f"TRITON_INTERPRET={'on' if dispatch.triton_interpreted() else 'off'}",
         f"  NVML (nvidia-ml-py): {_nvml_status()}",
+        f"  {_distributed()}",
     ]
     notes: list[str] = []
     width = max(len(op) for op in OPS) + 2

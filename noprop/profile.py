@@ -4,15 +4,25 @@ The stages are marked by `noprop.stages.stage` (noise, block_forward, local_loss
 optimizer); `--nvtx` also emits them as NVTX ranges for Nsight Systems.
 Output: a Chrome trace (DIR/trace.json, open in chrome://tracing or ui.perfetto.dev), a per-op table
 (time and memory, key_averages with profile_memory=True) and a per-stage table on stdout.
+
+Operator calls per training step: a device-independent figure of a step's overhead (each call is a
+dispatch and, on a GPU, at least one launch). One more step after the profiled ones runs under
+`OperatorCount`, a TorchDispatchMode that sees every operator the step dispatches: the forward,
+autograd's backward (its TLS carries the mode) and the optimizer; aten ops and noprop's fused ops,
+each call of a foreach or fused optimizer op once. A dispatch mode keeps the blocks on the calling
+thread (noprop.engine runs no block threads under one), so a threaded CPU step is counted as its loop
+step; a compiled step is counted as what runs under the mode, which is not the compiled graph.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from noprop import engine
 from noprop.atomic import write_text_atomically
@@ -21,7 +31,7 @@ from noprop.bench.plan import Case
 from noprop.devices import set_threads, usable_device
 from noprop.options import check_ranges
 from noprop.stages import STAGES, all_threads_profiler, enable_nvtx, sync
-from noprop.training.config import MODE_ALIASES, MODES, canonical_mode
+from noprop.training.config import MODE_ALIASES, MODES, PRECISIONS, canonical_mode, why_not_precision
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -30,6 +40,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="NoProp-DT training mode, as for train (all-blocks = parallel; sequential: one step = T "
                         "single-block updates)")
     p.add_argument("--execution", choices=engine.EXECUTIONS, default="auto", help="how DT blocks run")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="arithmetic of the step, as for train "
+                   "(tf32: CUDA only)")
+    p.add_argument("--compile", action="store_true", help="the step's blocks through torch.compile, as for train")
     p.add_argument("--steps", type=int, default=3, help="profiled training steps")
     p.add_argument("--warmup", type=int, default=1, help="unprofiled steps first")
     p.add_argument("--batch", "--batch-size", dest="batch", type=int, default=128, help="minibatch size")
@@ -56,6 +69,39 @@ def _stage_table(events) -> str:
     return "\n".join(lines)
 
 
+class OperatorCount(TorchDispatchMode):
+    """Counts the operator calls dispatched while it is entered, by name ('aten::mm', 'noprop::local_loss')."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace != "profiler":  # record_function's range markers: instrumentation, not the step's work
+            self.calls[func._schema.name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operator_calls(step) -> collections.Counter:
+    """The operators one call of step() dispatches, by name, with their call counts (see the module
+    docstring for what a dispatch mode sees)."""
+    with OperatorCount() as counter:
+        step()
+    return counter.calls
+
+
+def operator_summary(calls: collections.Counter, top: int = 12) -> tuple[str, str]:
+    """(one line for the summary, a table of the most called operators)."""
+    total = sum(calls.values())
+    by_space = collections.Counter()
+    for name, n in calls.items():
+        by_space[name.split("::")[0]] += n
+    spaces = ", ".join(f"{space} {n}" for space, n in by_space.most_common())
+    line = f"operator calls per training step: {total} ({spaces}; forward + backward + optimizer, device-independent)"
+    rows = [f"{'operator':<40}{'calls':>8}"] + [f"{name:<40}{n:>8}" for name, n in calls.most_common(top)]
+    return line, "\n".join(rows)
+
+
 def _all_threads_config():
     """Kineto's profile_all_threads, so that the threads of `--execution threads` are profiled too
     (torch's profiler is otherwise per thread); None where this torch lacks the option."""
@@ -73,7 +119,11 @@ def main_args(args) -> int:
     set_threads(args.threads)
     enable_nvtx(args.nvtx)
     mode = canonical_mode(args.mode)
-    case = Case(args.method, mode if args.method == "dt" else "end-to-end", args.execution)
+    reason = why_not_precision(args.precision, str(device), args.method)
+    if reason:
+        raise ValueError(reason)
+    case = Case(args.method, mode if args.method == "dt" else "end-to-end", args.execution, precision=args.precision,
+                compile=args.compile)
     _, _, train_once = step_factory(case, args.data, args.batch, args.T, args.chunk_size, device)
 
     def step():
@@ -93,6 +143,9 @@ def main_args(args) -> int:
                 step()
             sync(device)
     wall = time.perf_counter() - t0
+    calls_line, calls_table = operator_summary(operator_calls(train_once))
+    if args.compile:  # dynamo steps aside while a dispatch mode is active: the eager ops run and are counted
+        calls_line += " [--compile: counted eagerly; a dispatch mode cannot see inside a compiled graph]"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     trace = out / "trace.json"
@@ -103,12 +156,13 @@ def main_args(args) -> int:
     stages = _stage_table(events)
     head = (f"noprop profile: {case.label} | device {device} | batch {args.batch} | T {args.T} | "
             f"{args.steps} steps in {wall:.2f} s under the profiler | torch {torch.__version__}")
-    write_text_atomically(out / "table.txt", f"{head}\n\n{stages}\n\n{op_table}\n")
+    write_text_atomically(out / "table.txt", f"{head}\n\n{calls_line}\n{calls_table}\n\n{stages}\n\n{op_table}\n")
     print(head)
     print("\nper op (sorted by " + sort + "):")
     print(op_table)
     print("NoProp stages:")
     print(stages)
+    print(f"\n{calls_line}")
     print(f"\nwrote {trace} (chrome://tracing or https://ui.perfetto.dev) and {out / 'table.txt'}")
     return 0
 

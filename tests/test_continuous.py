@@ -340,7 +340,7 @@ def test_cli_trains_and_evaluates_ct_and_fm(tmp_path, capsys):
         model, cfg, _ = load_model(ck)
         assert isinstance(model, NoPropCT if method == "ct" else NoPropFM) and model.inference_steps == 4
     assert main(["eval", str(tmp_path / "ct.pt"), "--inference-steps", "0"]) == 2
-    assert "inference_steps must be >= 1" in capsys.readouterr().err
+    assert "--inference-steps must be a number >= 1" in capsys.readouterr().err
 
 
 def test_ct_checkpoint_restores_the_learned_schedule(tmp_path):

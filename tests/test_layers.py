@@ -10,7 +10,7 @@ KERNELS = ROOT.parent / "kernels"
 # Lowest first. A module's floor is that of the longest prefix listed.
 FLOORS = [
     ("ground", ("noprop.schedule", "noprop.embeddings", "noprop.data", "noprop.devices", "noprop.atomic",
-                "noprop.stages", "noprop.checkpoint", "noprop.options")),
+                "noprop.stages", "noprop.checkpoint", "noprop.options", "noprop.array_pickle")),
     ("kernels", ("noprop.kernels",)),
     ("ops", ("noprop.ops", "noprop.dispatch")),
     ("engine", ("noprop.engine",)),

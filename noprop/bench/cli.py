@@ -14,7 +14,7 @@ from noprop.bench.plan import BASELINES, DT_MODES, EXECUTIONS, plan
 from noprop.bench.report import environment, execution_verdict, records_so_far, table, write_outputs
 from noprop.devices import usable_device
 from noprop.options import check_ranges
-from noprop.training.config import canonical_mode
+from noprop.training.config import PRECISIONS, canonical_mode, why_not_precision
 
 
 def run(opts: dict, methods, modes, executions, log=print, on_progress=None) -> list[dict]:
@@ -25,7 +25,8 @@ def run(opts: dict, methods, modes, executions, log=print, on_progress=None) -> 
     """
     device = torch.device(opts["device"])
     env = environment(device, opts["threads"])
-    cases, notes = plan(methods, modes, executions, opts["T"], opts["chunk_size"], opts.get("cuda_graph", False))
+    cases, notes = plan(methods, modes, executions, opts["T"], opts["chunk_size"], opts.get("cuda_graph", False),
+                        opts.get("precisions", ("fp32",)), opts.get("compile", False))
     for note in notes:
         log(f"note: {note}")
     per_round = {c.label: [] for c in cases}
@@ -47,7 +48,7 @@ def run(opts: dict, methods, modes, executions, log=print, on_progress=None) -> 
             what = res["error"] if "error" in res else \
                 f"{res['ms_per_step']:8.1f} ms/step {opts['batch'] * 1e3 / res['ms_per_step']:8.1f} samples/s " \
                 f"peak {res['peak_mem_mb']:7.0f} MB" + (f" saved {res['saved_mb']:7.1f} MB" if "saved_mb" in res else "")
-            log(f"[{done:>2}/{n}] round {r + 1} {case.label:<22} {what}  ({time.perf_counter() - t0:.0f} s)")
+            log(f"[{done:>2}/{n}] round {r + 1} {case.label:<24} {what}  ({time.perf_counter() - t0:.0f} s)")
             if on_progress is not None and done < n:
                 on_progress(records_so_far(cases, per_round, opts, env))
     return records_so_far(cases, per_round, opts, env)
@@ -89,6 +90,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="also run the dt parallel step and the backprop step captured as CUDA graphs and replayed "
                         "(labels 'dt parallel+graph', 'backprop+graph'; the dt graph rows are compared with "
                         "backprop+graph; CUDA only; needs dt and parallel in --methods/--modes)")
+    p.add_argument("--precision", default="fp32",
+                   help=f"comma-separated precisions ({', '.join(PRECISIONS)}; tf32 on CUDA only): every case, "
+                        "backprop included, runs in each; DT rows are divided by the backprop row of their precision")
+    p.add_argument("--compile", action="store_true",
+                   help="also run every case with its blocks through torch.compile (labels '[compile]'; not "
+                        "the threads execution), divided by the compiled backprop")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: T=3, batch 16, 1 warmup + 2 steps, 1 repeat, in-process (checks the output, "
                         "not the speed)")
@@ -113,7 +120,8 @@ def options(args) -> tuple[dict, list, list, list]:
     opts = {"device": str(device), "batch": args.batch, "T": args.T, "chunk_size": args.chunk_size,
             "steps": args.steps if args.steps is not None else (5 if cpu else 20), "warmup": args.warmup if args.warmup is not None else (1 if cpu else 5),
             "repeats": args.repeats, "threads": threads, "isolated": isolated, "data": args.data,
-            "case_timeout": args.case_timeout, "cuda_graph": bool(args.cuda_graph)}
+            "case_timeout": args.case_timeout, "cuda_graph": bool(args.cuda_graph),
+            "precisions": _precisions(args.precision, device), "compile": bool(args.compile)}
     for name in ("batch", "T", "chunk_size", "steps", "repeats", "threads"):
         if opts[name] < 1:
             raise ValueError(f"{name} must be >= 1, got {opts[name]}")
@@ -130,6 +138,18 @@ def options(args) -> tuple[dict, list, list, list]:
     if args.cuda_graph and ("dt" not in methods or "parallel" not in modes):
         raise ValueError("--cuda-graph captures the dt parallel step: --methods must include dt and --modes parallel")
     return opts, methods, modes, executions
+
+
+def _precisions(spec: str, device: torch.device) -> list[str]:
+    """--precision's list, each checked against the device (tf32 is CUDA's)."""
+    names = list(dict.fromkeys(n.strip() for n in spec.split(",") if n.strip()))
+    if not names:
+        raise ValueError(f"--precision {spec!r} names no precision ({', '.join(PRECISIONS)})")
+    for name in names:
+        reason = why_not_precision(name, str(device))
+        if reason:
+            raise ValueError(reason)
+    return names
 
 
 def _executions(spec: str, device: torch.device, threads: int) -> list[str]:
@@ -158,6 +178,7 @@ def main_args(args) -> int:
     opts, methods, modes, executions = options(args)
     torch.set_num_threads(opts["threads"])
     print(f"noprop bench: {', '.join(methods)} | modes {','.join(modes)}{' + parallel CUDA graph' if opts['cuda_graph'] else ''} | execution {'/'.join(executions)} | "
+          f"precision {'/'.join(opts['precisions'])}{' + compiled' if opts['compile'] else ''} | "
           f"device {opts['device']} | batch {opts['batch']} | T {opts['T']} | {opts['warmup']} warmup + "
           f"{opts['steps']} steps x {opts['repeats']} rounds | {opts['threads']} threads | "
           f"{'isolated subprocesses' if opts['isolated'] else 'in-process'}", file=sys.stderr)

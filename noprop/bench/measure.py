@@ -18,7 +18,7 @@ from noprop.bench.plan import Case
 from noprop.stages import sync
 from noprop.data import load
 from noprop.models import NoPropDT
-from noprop.training import CapturedStep, Optimizers, TrainConfig, build_model, train_step
+from noprop.training import CapturedStep, Optimizers, TrainConfig, build_model, ready_for_training, train_step
 from noprop.training.config import blocks_per_step, epoch_plan
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -123,12 +123,12 @@ def step_factory(case: Case, data: str, batch: int, T: int, chunk_size: int, dev
     cfg = TrainConfig(method=case.method, mode=case.mode if case.method == "dt" else "parallel",
                       T=T, batch_size=batch, chunk_size=chunk_size,
                       execution="auto" if case.execution == "-" else case.execution, device=str(device),
-                      cuda_graph=case.graph)
-    model = build_model(cfg, split.image_shape, split.num_classes, split.train).to(device)
+                      cuda_graph=case.graph, precision=case.precision, compile=case.compile)
+    model = ready_for_training(build_model(cfg, split.image_shape, split.num_classes, split.train), cfg, device)
     optimizers = Optimizers(model, cfg)
     model.train()
     if case.graph:
-        captured = CapturedStep(model, optimizers, *mbs[0])
+        captured = CapturedStep(model, optimizers, *mbs[0], precision=cfg.precision)
         cursor = [0]
 
         def replay():
@@ -145,7 +145,7 @@ def step_factory(case: Case, data: str, batch: int, T: int, chunk_size: int, dev
         for blocks in plan:
             x, y = mbs[cursor[0] % len(mbs)]
             cursor[0] += 1
-            train_step(model, optimizers, x, y, blocks, None if blocks else chunk)
+            train_step(model, optimizers, x, y, blocks, None if blocks else chunk, cfg.precision)
 
     return model, cfg, step
 

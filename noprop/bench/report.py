@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 
 from noprop.atomic import write_text_atomically
-from noprop.bench.plan import DT_MODES, EXECUTIONS, Case
+from noprop.bench.plan import DT_MODES, EXECUTIONS, TREATMENT, Case
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-CSV_COLUMNS = ("method", "mode", "execution", "execution_used", "cuda_graph", "device", "device_name", "batch", "T",
-               "chunk_size", "threads", "steps", "repeats", "ms_per_step", "ms_min", "ms_max", "ms_q25",
-               "ms_q75", "ms_all", "samples_per_s", "samples_per_s_min", "samples_per_s_max", "ms_per_block_update",
-               "ratio_to_backprop", "ratio_base", "mem_ratio_to_backprop", "saved_ratio_to_backprop", "peak_mem_mb",
+CSV_COLUMNS = ("method", "mode", "execution", "execution_used", "cuda_graph", "precision", "compile", "device",
+               "device_name", "batch", "T", "chunk_size", "threads", "steps", "repeats", "ms_per_step", "ms_min",
+               "ms_max", "ms_q25", "ms_q75", "ms_all", "samples_per_s", "samples_per_s_min", "samples_per_s_max",
+               "ms_per_block_update", "ratio_to_backprop", "ratio_base", "ratio_unlike", "mem_ratio_to_backprop",
+               "saved_ratio_to_backprop", "peak_mem_mb",
                "peak_mem_kind", "rss_base_mb", "reserved_mem_mb", "nvml_mem_mb", "saved_mb", "equal_work", "isolated", "torch",
                "cuda", "triton", "backend", "data", "loadavg_1min", "commit", "dirty", "timestamp", "error")
 
@@ -81,7 +82,7 @@ def _quantiles(values):
 def summarise(case: Case, runs: list[dict], opts: dict, env: dict) -> dict:
     ok = [r for r in runs if "error" not in r]
     rec = {"method": case.method, "mode": case.mode, "execution": case.execution, "label": case.label,
-           "cuda_graph": case.graph,
+           "cuda_graph": case.graph, "precision": case.precision, "compile": case.compile,
            **env, "batch": opts["batch"], "T": opts["T"], "chunk_size": opts["chunk_size"], "steps": opts["steps"],
            "warmup": opts["warmup"], "repeats": len(ok), "data": opts["data"], "isolated": opts["isolated"],
            "equal_work": case.method != "cnn",
@@ -108,21 +109,50 @@ def summarise(case: Case, runs: list[dict], opts: dict, env: dict) -> dict:
     return rec
 
 
+def _treatment(rec: dict) -> tuple:
+    """(precision, compile, graph) of a record, in plan.TREATMENT's order (records before these
+    fields existed were fp32, eager)."""
+    values = {"precision": rec.get("precision", "fp32"), "compile": bool(rec.get("compile")),
+              "graph": bool(rec.get("cuda_graph"))}
+    return tuple(values[name] for name in TREATMENT)
+
+
+def _differences(rec: dict, base: dict) -> str | None:
+    """How a record's treatment differs from its baseline's ('bf16 vs fp32; graph vs eager'), or None."""
+    def word(name, value):
+        return value if name == "precision" else {"compile": "compiled", "graph": "graph"}[name] if value else "eager"
+
+    out = [f"{word(name, mine)} vs {word(name, theirs)}"
+           for name, mine, theirs in zip(TREATMENT, _treatment(rec), _treatment(base)) if mine != theirs]
+    return "; ".join(out) or None
+
+
+def _baseline(rec: dict, bases: list[dict]) -> dict | None:
+    """The backprop record `rec` is divided by. Like for like: the one with the same precision, compile
+    and capture. A backprop record itself is divided by the plain one (fp32, eager, no graph), which
+    shows what its treatment does for backprop. Where no like one was measured, the closest (fewest
+    differences, then plan order): add_ratios labels that pair unlike."""
+    if not bases:
+        return None
+    want = ("fp32", False, False) if rec["method"] == "backprop" else _treatment(rec)
+    return min(bases, key=lambda b: sum(x != y for x, y in zip(_treatment(b), want)))
+
+
 def add_ratios(records: list[dict], per_round: dict) -> None:
     """Throughput, memory and saved-bytes ratios to backprop; throughput per round (side by side).
 
-    Like for like: a dt case replayed as a CUDA graph is compared with backprop+graph when that was
-    measured (`ratio_base` names the baseline each record was divided by)."""
-    bases = {label: next((r for r in records if r["label"] == label and r.get("ms_per_step")), None)
-             for label in ("backprop", "backprop+graph")}
+    `ratio_base` names the backprop record each record was divided by (see `_baseline`), and
+    `ratio_unlike` says how the two differ in precision, compile or capture (None: like for like):
+    an unlike ratio is never reported without saying so."""
+    bases = [r for r in records if r["method"] == "backprop" and r.get("ms_per_step")]
     for rec in records:
         rec["ratio_to_backprop"] = rec["mem_ratio_to_backprop"] = rec["saved_ratio_to_backprop"] = None
-        label = "backprop+graph" if rec.get("cuda_graph") and rec["method"] == "dt" and bases["backprop+graph"] \
-            else "backprop"
-        base = bases[label]
-        rec["ratio_base"] = label if base is not None else None
+        base = _baseline(rec, bases)
+        rec["ratio_base"] = base["label"] if base is not None else None
+        rec["ratio_unlike"] = _differences(rec, base) if base is not None else None
         if base is None or not rec.get("ms_per_step"):
             continue
+        label = base["label"]
         pairs = [(b["ms_per_step"], c["ms_per_step"]) for b, c in zip(per_round[label], per_round[rec["label"]])
                  if "ms_per_step" in b and "ms_per_step" in c]
         ratios = [b / c for b, c in pairs]  # > 1: faster than backprop
@@ -147,36 +177,45 @@ def records_so_far(cases, per_round: dict, opts: dict, env: dict) -> list[dict]:
 
 
 def table(records: list[dict]) -> str:
-    head = f"{'config':<22}{'ms/step':>10}{'[min-max]':>18}{'samples/s':>11}{'x backprop':>11}" \
+    width = max([22] + [len(r["label"]) + 1 for r in records])
+    head = f"{'config':<{width}}{'ms/step':>10}{'[min-max]':>18}{'samples/s':>11}{'x backprop':>11}" \
            f"{'peak MB':>9}{'saved MB':>10}{'x bp saved':>11}"
     lines = [head, "-" * len(head)]
     for r in records:
         if not r.get("ms_per_step"):
-            lines.append(f"{r['label']:<22}  error: {r.get('error')}")
+            lines.append(f"{r['label']:<{width}}  error: {r.get('error')}")
             continue
         ratio = f"{r['ratio_to_backprop']:.2f}" if r.get("ratio_to_backprop") else "-"
         sratio = f"{r['saved_ratio_to_backprop']:.2f}" if r.get("saved_ratio_to_backprop") else "-"
         saved = f"{r['saved_mb']:.1f}" if r.get("saved_mb") is not None else "-"
         spread = f"[{r['ms_min']:.0f}-{r['ms_max']:.0f}]"
-        lines.append(f"{r['label']:<22}{r['ms_per_step']:>10.1f}{spread:>18}"
-                     f"{r['samples_per_s']:>11.1f}{ratio:>11}{r['peak_mem_mb']:>9.0f}{saved:>10}{sratio:>11}")
-    if any(r.get("ratio_base") == "backprop+graph" for r in records):
-        lines.append("(+graph rows: x backprop is against backprop+graph, replay against replay)")
+        unlike = f"  (unlike: {r['ratio_unlike']}, against {r['ratio_base']})" if r.get("ratio_unlike") else ""
+        lines.append(f"{r['label']:<{width}}{r['ms_per_step']:>10.1f}{spread:>18}"
+                     f"{r['samples_per_s']:>11.1f}{ratio:>11}{r['peak_mem_mb']:>9.0f}{saved:>10}{sratio:>11}{unlike}")
+    graph_bases = any((r.get("ratio_base") or "").startswith("backprop+graph") for r in records)
+    lines.append("x backprop: against the backprop row of the same precision, compile and capture"
+                 + ("; +graph rows against backprop+graph, replay against replay" if graph_bases else "")
+                 + ("; (unlike: ...) marks a row without one (a backprop row: what its setting does for backprop)"
+                    if any(r.get("ratio_unlike") for r in records) else ""))
     return "\n".join(lines)
 
 
 def execution_verdict(records: list[dict]) -> list[str]:
-    """Per mode measured more than one way (loop, vmap, threads): which execution wins here."""
+    """Per mode (and precision and compile) measured more than one way (loop, vmap, threads): which
+    execution wins here."""
     out = []
-    by = {(r["mode"], r["execution"]): r for r in records
+    by = {(r["mode"], _treatment(r), r["execution"]): r for r in records
           if r["method"] == "dt" and r.get("ms_per_step") and not r.get("cuda_graph")}
-    for mode in DT_MODES:
-        measured = sorted((r["ms_per_step"], ex, r) for ex in EXECUTIONS if (r := by.get((mode, ex))))
-        if len(measured) > 1:
-            (best_ms, best, rec), (next_ms, runner_up, _) = measured[0], measured[1]
-            times = ", ".join(f"{ex} {ms:.1f} ms" for ms, ex, _ in measured)
-            out.append(f"{mode}: {best} wins on {rec['device']} ({next_ms / best_ms:.2f}x faster than {runner_up}; "
-                       f"{times})")
+    for treatment in sorted({t for _, t, _ in by}, key=str):
+        tags = ", ".join(t for t in (treatment[0] if treatment[0] != "fp32" else "", "compile" if treatment[1] else "")
+                         if t)
+        for mode in DT_MODES:
+            measured = sorted((r["ms_per_step"], ex, r) for ex in EXECUTIONS if (r := by.get((mode, treatment, ex))))
+            if len(measured) > 1:
+                (best_ms, best, rec), (next_ms, runner_up, _) = measured[0], measured[1]
+                times = ", ".join(f"{ex} {ms:.1f} ms" for ms, ex, _ in measured)
+                out.append(f"{mode}{f' [{tags}]' if tags else ''}: {best} wins on {rec['device']} "
+                           f"({next_ms / best_ms:.2f}x faster than {runner_up}; {times})")
     return out
 
 

@@ -288,7 +288,7 @@ class BlockBank(nn.Module):
         B = z.shape[1]
         with self._call(rows, B, x.device, dropout_seed) as k:
             out = self._stacked(x, z.transpose(0, 1).reshape(B * k, *z.shape[2:]))
-        return out.view(B, k, -1).transpose(0, 1).contiguous()
+        return out.reshape(B, k, -1).transpose(0, 1).contiguous()
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor | None]:
         """Each block's image features [B, width] (blocks with a `features` method; else None), for
@@ -299,7 +299,7 @@ class BlockBank(nn.Module):
             return [view.features(x) for view in self]
         with self._call(slice(None), x.shape[0], x.device, None) as k:
             out = self._stacked.features(x)
-        return list(out.view(x.shape[0], k, -1).unbind(1))
+        return list(out.reshape(x.shape[0], k, -1).unbind(1))
 
     def logits_from_features(self, i: int, feats: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Block i's (0-based) logits [B, m] from its features [B, width] and z [B, d]."""

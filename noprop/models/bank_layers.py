@@ -10,6 +10,9 @@ tensor: it sees an ordinary batch of B*T samples. An input that all blocks share
 stays [B, ...]: the first convolution of the bank reads it once, as one ordinary convolution with
 T*O output channels, and its output is already in the layout above.
 
+Reshapes, not views: on contiguous tensors they cost nothing, and an input in another memory
+format (channels_last from --precision) is then copied rather than refused.
+
 Parameters are stacked, [T, ...] (a [T, O, C, kh, kw] conv weight, a [T, O, K] Linear weight).
 Gradients of both inputs come from autograd through ordinary torch ops.
 
@@ -67,17 +70,17 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, T: 
         # each write a zero-filled [T, ...] gradient
         ws = weight.unbind(0)
         bs = bias.unbind(0) if bias is not None else [None] * T
-        xs = None if shared else x.view(B, T, C, H, W)
+        xs = None if shared else x.reshape(B, T, C, H, W)
         outs = [F.conv2d(x if shared else xs[:, t], ws[t], bs[t], stride, padding, dilation) for t in range(T)]
-        return torch.stack(outs, 1).view(B * T, O, Ho, Wo)
+        return torch.stack(outs, 1).reshape(B * T, O, Ho, Wo)
     if impl == "grouped":
         flat_b = None if bias is None else bias.reshape(T * O)
         if shared:
             out = F.conv2d(x, weight.reshape(T * O, C, kh, kw), flat_b, stride, padding, dilation)
         else:
-            out = F.conv2d(x.view(B, T * C, H, W), weight.reshape(T * O, C, kh, kw), flat_b, stride, padding,
+            out = F.conv2d(x.reshape(B, T * C, H, W), weight.reshape(T * O, C, kh, kw), flat_b, stride, padding,
                            dilation, groups=T)
-        return out.view(B * T, O, Ho, Wo)
+        return out.reshape(B * T, O, Ho, Wo)
     if impl != "gemm":
         raise ValueError(f"bank convolution impl must be one of {CONV_IMPLS}, got {impl!r}")
     K, L = C * kh * kw, Ho * Wo
@@ -88,10 +91,10 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, T: 
         if bias is not None:
             out = out + bias.reshape(1, T * O, 1)
         return out.reshape(B * T, O, Ho, Wo)
-    cols = cols.view(B, T, K, L).permute(1, 2, 0, 3).reshape(T, K, B * L)  # block-major for the batched GEMM
+    cols = cols.reshape(B, T, K, L).permute(1, 2, 0, 3).reshape(T, K, B * L)  # block-major for the batched GEMM
     start = bias.reshape(T, O, 1) if bias is not None else cols.new_zeros(())
     out = torch.baddbmm(start, w, cols)  # [T, O, B*L]
-    return out.view(T, O, B, L).permute(2, 0, 1, 3).reshape(B * T, O, Ho, Wo)
+    return out.reshape(T, O, B, L).permute(2, 0, 1, 3).reshape(B * T, O, Ho, Wo)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, T: int, shared: bool) -> torch.Tensor:
@@ -99,10 +102,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, T: 
     Returns [B*T, O]."""
     _, O, K = weight.shape
     if shared:
-        return F.linear(x, weight.reshape(T * O, K), None if bias is None else bias.reshape(T * O)).view(-1, O)
+        return F.linear(x, weight.reshape(T * O, K), None if bias is None else bias.reshape(T * O)).reshape(-1, O)
     B = x.shape[0] // T
     start = bias.unsqueeze(1) if bias is not None else x.new_zeros(())
-    out = torch.baddbmm(start, x.view(B, T, K).transpose(0, 1), weight.transpose(1, 2))  # [T, B, O]
+    out = torch.baddbmm(start, x.reshape(B, T, K).transpose(0, 1), weight.transpose(1, 2))  # [T, B, O]
     return out.transpose(0, 1).reshape(B * T, O)
 
 
@@ -113,7 +116,7 @@ def batch_norm(x: torch.Tensor, running_mean, running_var, weight, bias, T: int,
     C = x.shape[1]
     flat = [None if v is None else v.reshape(T * C) for v in (running_mean, running_var, weight, bias)]
     out = F.batch_norm(x.reshape(-1, T * C), flat[0], flat[1], flat[2], flat[3], training, momentum, eps)
-    return out.view(-1, C)
+    return out.reshape(-1, C)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool, T: int, generators=None) -> torch.Tensor:
@@ -130,4 +133,4 @@ def dropout(x: torch.Tensor, p: float, training: bool, T: int, generators=None) 
     B = x.shape[0] // T
     masks = [torch.empty((B,) + tuple(x.shape[1:]), dtype=x.dtype).bernoulli_(1 - p, generator=g).div_(1 - p)
              for g in generators]
-    return x * torch.stack(masks, 1).view_as(x)
+    return x * torch.stack(masks, 1).reshape(x.shape)

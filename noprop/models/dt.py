@@ -125,16 +125,22 @@ class NoPropDT(nn.Module):
         """Whether the blocks are held as one BlockBank (stacked parameters) rather than separate modules."""
         return isinstance(self.blocks, BlockBank)
 
-    def set_execution(self, execution: str, device=None) -> None:
+    def set_execution(self, execution: str, device=None, separate: bool = False) -> None:
         """Use `execution` from now on, on `device` (default: where the parameters are). Where it
         resolves to a bank ('bank', or 'auto' on CUDA for blocks that stack, noprop.engine.resolve)
         the blocks move into a BlockBank, and back into separate modules where it does not: the
-        parameters become new tensors then, so build optimizers after this call."""
+        parameters become new tensors then, so build optimizers after this call. separate=True keeps
+        separate modules whatever the execution (block-parallel ranks own some of the blocks; 'auto'
+        then stacks them per step on CUDA, as before banks)."""
         if execution not in engine.EXECUTIONS:
             raise ValueError(f"execution must be one of {engine.EXECUTIONS}, got {execution!r}")
+        if separate and execution == "bank":
+            raise ValueError("execution 'bank' holds every block in one module, but these blocks must stay "
+                             "separate (block-parallel training): use execution 'auto', 'vmap' or 'loop'")
         if device is None:
             device = next(self.parameters()).device
-        bank = execution in ("bank", "auto") and engine.resolve(execution, list(self.blocks), device) == "bank"
+        bank = not separate and execution in ("bank", "auto") and \
+            engine.resolve(execution, list(self.blocks), device) == "bank"
         if bank and not self.is_bank:
             self.blocks = BlockBank(self.blocks)
         elif not bank and self.is_bank:

@@ -1,4 +1,5 @@
-"""The model a `TrainConfig` describes, and the check that a model brought to `fit` matches it."""
+"""The model a `TrainConfig` describes, the check that a model brought to `fit` matches it, and how a
+model is readied for a run (execution, device, layout, compilation)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,9 @@ from noprop.data import Dataset
 from noprop.embeddings import ClassEmbedding, make_embedding
 from noprop.models import BackpropDT, CNNClassifier, NoPropCT, NoPropDT, NoPropFM, ct_block, dt_block_factory
 from noprop.schedule import DTSchedule
+from noprop.training.compiling import apply_compile
 from noprop.training.config import CONTINUOUS, TrainConfig
+from noprop.training.precision import prepare_model
 
 MODEL_KINDS = {"dt": NoPropDT, "backprop": BackpropDT, "cnn": CNNClassifier, "ct": NoPropCT, "fm": NoPropFM}
 
@@ -54,11 +57,12 @@ def check_model_matches(model, cfg: TrainConfig) -> None:
         raise ValueError(f"fit: the model has {len(blocks)} blocks but cfg.T is {cfg.T}: set T={len(blocks)}")
 
 
-def apply_execution(model, cfg: TrainConfig) -> None:
+def apply_execution(model, cfg: TrainConfig, separate: bool = False) -> None:
     """Give a NoProp-DT model the execution `cfg` asks for on cfg.device: the config owns the choice
     for a run, whether fit built the model or the user brought it (a bank, or separate blocks, as it
-    resolves: before the optimizers are built). An explicit choice the blocks cannot take (vmap or
-    bank on blocks of different structure) raises here, before any training."""
+    resolves: before the optimizers are built; separate=True: separate modules whatever it resolves
+    to, see NoPropDT.set_execution). An explicit choice the blocks cannot take (vmap or bank on
+    blocks of different structure) raises here, before any training."""
     if not isinstance(model, NoPropDT):
         return
     if cfg.execution in ("vmap", "bank") and not model.is_bank:
@@ -66,4 +70,13 @@ def apply_execution(model, cfg: TrainConfig) -> None:
         if reason and len(model.blocks) > 1:
             raise ValueError(f"execution {cfg.execution!r}: cannot stack these blocks: {reason} "
                              "(use execution 'loop' or 'auto')")
-    model.set_execution(cfg.execution, cfg.device)
+    model.set_execution(cfg.effective_execution, cfg.device, separate)
+
+
+def ready_for_training(model, cfg: TrainConfig, device):
+    """`model` as a run of `cfg` trains it on `device`: its execution, on the device, in the layout of
+    cfg.precision, its step's blocks compiled when cfg.compile. Returns the model (moved)."""
+    apply_execution(model, cfg)
+    model = prepare_model(model.to(device), cfg.precision, device)
+    apply_compile(model, cfg, device)
+    return model

@@ -47,6 +47,7 @@ from noprop import dispatch
 from noprop.models import BackpropDT, NoPropDT
 from noprop.ops.checks import labels as check_labels
 from noprop.training.config import WHY_ONLY_PARALLEL
+from noprop.training.precision import check as check_precision, prepare_input
 from noprop.training.step import captured_body, skips_nonfinite
 
 _HYPER = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
@@ -119,15 +120,21 @@ class CapturedStep:
     step = CapturedStep(model, opts, x, y)  # (x, y): a batch of the shape and dtype every call will have
     loss = step(x, y)  # = train_step(model, opts, x, y), one graph launch; returns the loss as a float
 
+    precision: the step's (config.PRECISIONS), captured with it: the graph records bf16 autocast's
+    casts and the kernels TF32 picks, so a replay runs in the precision of the capture.
+
     `replay(x, y)` does the same without the host sync and returns the static loss tensor (overwritten
     by the next call). `seed` is the Philox seed the last replay drew (None for backprop). `accepts(x, y)` says whether a
     batch fits the captured shapes. See the module docstring for the recipe and what is baked in.
     """
 
-    def __init__(self, model: NoPropDT | BackpropDT, opts, example_x: torch.Tensor, example_y: torch.Tensor, warmup: int = 3):
+    def __init__(self, model: NoPropDT | BackpropDT, opts, example_x: torch.Tensor, example_y: torch.Tensor,
+                 warmup: int = 3, precision: str = "fp32"):
         reason = why_not_capturable(model, opts)
         if reason:
             raise ValueError(reason)
+        self.precision = precision
+        check_precision(precision, next(model.parameters()).device)
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (the optimizer state must exist before capture), got {warmup}")
         for name, t in (("example_x", example_x), ("example_y", example_y)):
@@ -137,7 +144,9 @@ class CapturedStep:
         self.device = next(model.parameters()).device
         self.training = model.training
         self.hyper = self._hyper()
-        self.x = torch.empty(example_x.shape, dtype=example_x.dtype, device=self.device)
+        # in the layout the step reads (channels_last for tf32/bf16 on CUDA): the copy into it does the
+        # conversion, and the captured body converts nothing
+        self.x = prepare_input(torch.empty(example_x.shape, dtype=example_x.dtype, device=self.device), precision)
         self.y = torch.empty(example_y.shape, dtype=example_y.dtype, device=self.device)
         self._load(example_x, example_y)
         with torch.cuda.device(self.device):  # capture on the model's GPU, whichever is current
@@ -154,7 +163,7 @@ class CapturedStep:
                 with torch.cuda.stream(side):
                     for _ in range(warmup):  # also where a bad example batch raises its clear error
                         opts.zero_grad()
-                        captured_body(model, opts, self.x, self.y)
+                        captured_body(model, opts, self.x, self.y, self.precision)
         finally:
             torch.cuda.current_stream(self.device).wait_stream(side)
             saved.restore()  # the warm-up trained nothing: parameters, optimizer state and RNG as they were
@@ -163,7 +172,7 @@ class CapturedStep:
         opts.zero_grad()  # grads None: the captured backward allocates them in the graph's pool and writes them
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.loss, self.seed = captured_body(model, opts, self.x, self.y)
+            self.loss, self.seed = captured_body(model, opts, self.x, self.y, self.precision)
 
     def _hyper(self):
         return [[tuple(group.get(k) for k in _HYPER) for group in opt.param_groups] for opt in self.opts.all()]

@@ -17,16 +17,18 @@ from noprop.atomic import write_text_atomically
 from noprop.data import Dataset, Split, batches, fingerprint, random_shift, validate
 from noprop.devices import usable_device
 from noprop.models import NoPropCT, NoPropDT, NoPropFM
-from noprop.training.build import apply_execution, build_model, check_model_matches
+from noprop.training.build import build_model, check_model_matches, ready_for_training
 from noprop.training.config import CONTINUOUS, TrainConfig, epoch_plan
 from noprop.training.graphs import CapturedStep
+from noprop.training.precision import precision_context, prepare_input
 from noprop.training.step import Optimizers, train_step
 
 
 @torch.no_grad()
 def evaluate(model, ds: Dataset, device="cpu", batch_size: int = 500, runs: int = 1, mean_chain: bool = False,
-             seed: int = 0, steps: int | None = None) -> float:
-    """Test accuracy (fraction). Predictions come from images alone; labels are read only to score."""
+             seed: int = 0, steps: int | None = None, precision: str = "fp32") -> float:
+    """Test accuracy (fraction). Predictions come from images alone; labels are read only to score.
+    precision: the arithmetic of inference (training/precision.py), as the run trained in."""
     was_training = model.training
     model.eval()
     g = torch.Generator(device=device).manual_seed(seed)
@@ -37,7 +39,8 @@ def evaluate(model, ds: Dataset, device="cpu", batch_size: int = 500, runs: int 
             kwargs["mean_chain"] = mean_chain
         if isinstance(model, (NoPropCT, NoPropFM)):
             kwargs["steps"] = steps  # None: the model's inference_steps
-        pred = model.predict(x.to(device), **kwargs)
+        with precision_context(precision, device):
+            pred = model.predict(prepare_input(x.to(device), precision), **kwargs)
         correct += int((pred.cpu() == y).sum())
     model.train(was_training)
     return correct / len(ds)
@@ -62,7 +65,8 @@ def _cosine_lr(opts: Optimizers, epoch: int, epochs: int) -> None:
 
 # A resumed run continues the same run: these fields shape the model, its updates or its data order
 # and must match the checkpoint's. The others (epochs, evaluation settings, device, execution, the
-# CUDA graph, data_dir) may change between the interrupted run and its continuation.
+# CUDA graph, precision, compile, data_dir) may change between the interrupted run and its continuation
+# (precision changes the arithmetic, not what is trained: a run may continue in bf16 on a GPU).
 RESUME_MUST_MATCH = ("method", "mode", "embedding", "embed_dim", "T", "eta", "max_alpha_bar", "batch_size",
                      "lr", "weight_decay", "augment_shift", "chunk_size", "shared_lr_scale", "seed", "data")
 
@@ -140,10 +144,11 @@ class _Stepper:
 
     def __call__(self, x, y, blocks) -> float:
         if self.cfg.cuda_graph and self.captured is None:
-            self.captured = CapturedStep(self.model, self.opts, x, y)  # after a resume's state is loaded
+            self.captured = CapturedStep(self.model, self.opts, x, y, precision=self.cfg.precision)  # after resume
         if self.captured is not None and self.captured.accepts(x, y):
             return self.captured(x, y)  # copies the CPU batch into the graph's static buffers
-        return train_step(self.model, self.opts, x.to(self.device), y.to(self.device), blocks, self.cfg.chunk)
+        return train_step(self.model, self.opts, x.to(self.device), y.to(self.device), blocks, self.cfg.chunk,
+                          self.cfg.precision)
 
 
 def _train_epoch(step: _Stepper, split: Split, cfg: TrainConfig, epoch: int, gen, progress: bool) -> dict:
@@ -216,8 +221,7 @@ def fit(cfg: TrainConfig, split: Split, checkpoint_path=None, metrics_path=None,
         model = build_model(cfg, split.image_shape, split.num_classes, split.train)
     else:
         check_model_matches(model, cfg)
-    apply_execution(model, cfg)
-    model = model.to(device)
+    model = ready_for_training(model, cfg, device)
     opts = Optimizers(model, cfg)
     history, start_epoch = [], 0
     if resume:
@@ -259,10 +263,11 @@ def _evaluate_epoch(model, split: Split, cfg: TrainConfig, epoch: int, device, t
     chain (eval_steps) in between and the full one (inference_steps) after the last epoch."""
     steps = cfg.inference_steps if epoch == cfg.epochs or cfg.eval_steps is None else cfg.eval_steps
     acc = evaluate(model, split.test, device, runs=cfg.eval_runs, mean_chain=cfg.mean_chain, seed=cfg.seed,
-                   steps=steps)
+                   steps=steps, precision=cfg.precision)
     record = {"epoch": epoch, "train_loss": trained["train_loss"], "test_acc": acc,
               "samples_per_s": trained["samples_per_s"], "peak_mem_mb": peak_memory_mb(device),
-              "elapsed_s": elapsed, "method": cfg.method, "mode": cfg.mode}
+              "elapsed_s": elapsed, "method": cfg.method, "mode": cfg.mode, "precision": cfg.precision,
+              "compile": cfg.compile}
     if cfg.method in CONTINUOUS:
         record["eval_steps"] = steps
     return record

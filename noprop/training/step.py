@@ -2,10 +2,11 @@
 capture (training/graphs.py) share.
 
 `forward_backward` is the device work of an update: noise, the blocks' local losses (and CE + KL),
-and their backward, chunk by chunk or on block threads as the mode and the execution ask. The eager
+and their backward, chunk by chunk or on block threads as the mode and the execution ask, in the
+step's precision (training/precision.py, entered here and nowhere else in a step). The eager
 `train_step` then checks the loss on the host and steps the optimizers; the captured step
 (`captured_body`) cannot read the host, so it tells fused optimizers to skip a non-finite update on
-the device instead.
+the device instead. The optimizers step outside the precision: fp32 master weights, fp32 state.
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from noprop import engine
 from noprop.models import NoPropDT
 from noprop.ops import new_seed
 from noprop.stages import stage
+from noprop.training.compiling import is_compiled
 from noprop.training.config import TrainConfig
+from noprop.training.precision import precision_context, prepare_input
 
 
 class Optimizers:
@@ -36,9 +39,11 @@ class Optimizers:
     checkpoint resumes with or without a bank.
     capturable (default: cfg.cuda_graph) builds them capturable, as a CUDA graph of the step needs
     (training/graphs.py); only on CUDA, and kept through `load_state_dict`.
+    blocks (1-based; None = all): the blocks this process trains, when the others are trained
+    elsewhere (block-parallel training, training/distributed.py); not with sequential.
     """
 
-    def __init__(self, model, cfg: TrainConfig, capturable: bool | None = None):
+    def __init__(self, model, cfg: TrainConfig, capturable: bool | None = None, blocks=None):
         self.capturable = cfg.cuda_graph if capturable is None else bool(capturable)
         kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
         device = next(model.parameters()).device
@@ -49,14 +54,19 @@ class Optimizers:
             kw["capturable"] = True
         self.blocks = []
         self.bank = model.blocks if isinstance(model, NoPropDT) and model.is_bank else None
+        if self.bank is not None and blocks is not None:
+            raise ValueError("Optimizers(blocks=...) steps some blocks of a model whose blocks are separate "
+                             "modules; this model holds them in one bank (NoPropDT.set_execution(..., separate=True))")
         if isinstance(model, NoPropDT):
             shared_group = {"params": model.shared_parameters(), "lr": cfg.lr * cfg.effective_shared_lr_scale}
             if cfg.mode == "sequential":
                 self.blocks = [torch.optim.AdamW(model.block_parameters(t), **kw) for t in range(1, model.T + 1)]
                 self.shared = torch.optim.AdamW([shared_group], **kw)
             else:
-                self.shared = torch.optim.AdamW([{"params": list(model.blocks.parameters())}, shared_group],
-                                                **kw, **fast)
+                ts = range(1, model.T + 1) if blocks is None else blocks
+                owned = list(self.bank.parameters()) if self.bank is not None else \
+                    [p for t in ts for p in model.blocks[t - 1].parameters()]
+                self.shared = torch.optim.AdamW([{"params": owned}, shared_group], **kw, **fast)
         else:
             self.shared = torch.optim.AdamW(model.parameters(), **kw, **fast)
 
@@ -190,8 +200,9 @@ def _accumulate(params, grads) -> None:
             p.grad = g if p.grad is None else p.grad + g
 
 
-def forward_backward(model, x, y, blocks=None, chunk_size: int | None = None,
-                     key_dropout: bool = True) -> tuple[list, torch.Tensor | None]:
+def forward_backward(model, x, y, blocks=None, chunk_size: int | None = None, key_dropout: bool = True,
+                     precision: str = "fp32", seed: torch.Tensor | None = None,
+                     include_shared: bool = True) -> tuple[list, torch.Tensor | None]:
     """The device work of one update on (x, y), gradients left in .grad: (the detached losses of the
     chunks or thread groups in order, the step's noise seed; None for a baseline).
 
@@ -202,9 +213,25 @@ def forward_backward(model, x, y, blocks=None, chunk_size: int | None = None,
     noprop.engine), each chunk's blocks are split into one contiguous group per thread and the
     groups' forwards and backwards run at once: the same update again, up to float rounding (the
     shared head's and embedding's gradients are summed group by group, in group order: a run on a
-    given thread count repeats bit for bit). key_dropout=False leaves the dropout masks to torch's
-    generator on the CPU too, so the body reads nothing on the host (see `captured_body`).
+    given thread count repeats bit for bit). seed: the step's noise seed (default: drawn here);
+    include_shared=False leaves CE + KL to another process (distributed block ranks share one seed
+    and count the shared terms once). key_dropout=False leaves the dropout masks to torch's
+    generator on the CPU too, so the body reads nothing on the host (see `captured_body`); so does a
+    model whose blocks are compiled (training/compiling.py).
+
+    precision (config.PRECISIONS) spans the forward and the backward: tf32's switches must cover the
+    backward's matmuls and convolutions too, and under bf16 autocast the backward's ops already get
+    the dtypes the forward saved (autocast re-casts only a few reductions to fp32 there). Block
+    threads carry the CPU autocast state into their workers (noprop.engine.run_threaded).
     """
+    x = prepare_input(x, precision)
+    with precision_context(precision, x.device):
+        return _forward_backward(model, x, y, blocks, chunk_size, key_dropout and not is_compiled(model), seed,
+                                 include_shared)
+
+
+def _forward_backward(model, x, y, blocks, chunk_size, key_dropout, seed,
+                      include_shared) -> tuple[list, torch.Tensor | None]:
     if not isinstance(model, NoPropDT):
         with stage("noprop.block_forward"):  # a baseline's whole forward and loss
             loss = model.loss(x, y)
@@ -213,7 +240,7 @@ def forward_backward(model, x, y, blocks=None, chunk_size: int | None = None,
         return [loss.detach()], None
     ts = list(range(1, model.T + 1)) if blocks is None else list(blocks)
     k = len(ts) if chunk_size is None else max(1, chunk_size)
-    seed = new_seed(x.device)
+    seed = new_seed(x.device) if seed is None else seed
     losses = []
     shared = None  # the trainable shared parameters, gathered once a threaded chunk needs them
     for i in range(0, len(ts), k):
@@ -224,11 +251,11 @@ def forward_backward(model, x, y, blocks=None, chunk_size: int | None = None,
             if shared is None:
                 shared = [p for p in model.shared_parameters() if p.requires_grad]
             for loss, shared_grads in engine.run_threaded(groups, lambda j, group: _group_update(
-                    model, x, y, group, seed, i == 0 and j == 0, shared)):
+                    model, x, y, group, seed, include_shared and i == 0 and j == 0, shared)):
                 losses.append(loss)
                 _accumulate(shared, shared_grads)  # in group order: the same sum whatever the timing
         else:
-            loss = _chunk_loss(model, x, y, chunk, seed, i == 0, key_dropout)
+            loss = _chunk_loss(model, x, y, chunk, seed, include_shared and i == 0, key_dropout)
             with stage("noprop.backward"):
                 loss.backward()
             losses.append(loss.detach())
@@ -241,11 +268,12 @@ def check_finite_loss(value: float) -> None:
                                  "inputs; this update was not applied")
 
 
-def train_step(model, opts: Optimizers, x, y, blocks=None, chunk_size: int | None = None) -> float:
+def train_step(model, opts: Optimizers, x, y, blocks=None, chunk_size: int | None = None,
+               precision: str = "fp32") -> float:
     """One update on minibatch (x, y) (see `forward_backward`); returns the loss. A non-finite loss
     raises FloatingPointError before the optimizers step, so the parameters keep their values."""
     opts.zero_grad()
-    losses, _ = forward_backward(model, x, y, blocks, chunk_size)
+    losses, _ = forward_backward(model, x, y, blocks, chunk_size, precision=precision)
     total = 0.0
     for loss in losses:  # summed on the host in chunk order, as the losses were formed
         total += loss.item()
@@ -261,14 +289,14 @@ def skips_nonfinite(opts: Optimizers) -> bool:
     return all(group.get("fused") for opt in opts.all() for group in opt.param_groups)
 
 
-def captured_body(model, opts: Optimizers, x: torch.Tensor, y: torch.Tensor):
+def captured_body(model, opts: Optimizers, x: torch.Tensor, y: torch.Tensor, precision: str = "fp32"):
     """The parallel-mode update on (x, y) as device work only, no host read: what a CUDA graph
     captures. `forward_backward` over every block, then the optimizers, told through `found_inf`
     (the flag GradScaler gives fused optimizers) to skip the update when the loss is not finite.
     Grads must be None or zero before it runs. Returns (loss, seed) as detached tensors. (On CPU,
     where the tests run this body, train_step also keys the blocks' dropout masks by the seed; this
     body draws them from torch's generator, as every step on CUDA does.)"""
-    losses, seed = forward_backward(model, x, y, key_dropout=False)
+    losses, seed = forward_backward(model, x, y, key_dropout=False, precision=precision)
     loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
     optimizers = opts.all()
     fused = skips_nonfinite(opts)
