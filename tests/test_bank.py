@@ -367,3 +367,60 @@ def test_a_bank_on_cuda_replays_its_eager_steps():
         results.append((model.state_dict(), optimizer_state(opts)))
     for got, ref in zip(results[1], results[0]):
         assert_states_close(got, ref)
+
+
+def test_a_bank_step_in_bf16_keeps_to_the_error_rule():
+    """--precision bf16 (CPU autocast): per block, the bank's local losses and gradients are no further
+    from the float64 step than 2 x those of separate blocks in bf16, plus the rule's floor."""
+    from noprop.training.precision import precision_context
+    from tests.error_rule import assert_error_rule
+
+    model, bank = separate_and_bank(kind="learned")
+    ref = copy.deepcopy(model).double()
+    x, y = batch(B=12, m=5, image_shape=IMAGE)
+    outs = {}
+    for name, m, inputs, precision in (("ref", ref, x.double(), "fp32"), ("same", model, x, "bf16"),
+                                       ("got", bank, x, "bf16")):
+        with precision_context(precision, "cpu"):
+            out = m.losses(inputs, y, seed=torch.tensor(1234), dropout_seed=99)
+        out.total.backward()
+        grads = grads_per_block(m)
+        per_block = {}
+        for k, g in grads.items():  # one vector per block (and per shared parameter)
+            per_block.setdefault(k.split(".")[1] if k.startswith("blocks.") else k, []).append(g.flatten())
+        outs[name] = (out.local.detach(), {k: torch.cat(v) for k, v in per_block.items()})
+    (l_ref, g_ref), (l_same, g_same), (l_got, g_got) = outs["ref"], outs["same"], outs["got"]
+    assert_error_rule(l_got, l_same, l_ref, "local losses", "bank")
+    for k in g_ref:
+        assert_error_rule(g_got[k], g_same[k], g_ref[k], f"gradients of {k}", "bank")
+
+
+def test_a_bank_s_blocks_compile_to_one_graph():
+    """--compile (training/compiling.py) compiles run_blocks: through a bank it is one graph, no breaks,
+    and gives the eager logits."""
+    import torch._dynamo
+
+    _, bank = separate_and_bank()
+    bank.eval()
+    x, z = torch.randn(8, *IMAGE), torch.randn(4, 8, 8)
+    explained = torch._dynamo.explain(bank.run_blocks)([1, 2, 3], x, z)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(bank.run_blocks, backend="aot_eager")
+    torch.testing.assert_close(compiled([2, 3], x, z), bank.run_blocks([2, 3], x, z))
+
+
+def test_block_parallel_training_keeps_separate_blocks():
+    """Block ranks own some blocks each (training/distributed.py): no bank there, said in one line."""
+    from noprop.training.build import apply_execution
+    from noprop.training.dist_loop import check_distributable
+
+    with pytest.raises(ValueError, match="execution 'bank' holds every block in one"):
+        check_distributable(TrainConfig(T=4, execution="bank"))
+    cfg = TrainConfig(T=4, device="cuda")  # auto on CUDA would hold a single process's blocks in a bank
+    model = build_model(TrainConfig(T=4), IMAGE, 5)
+    apply_execution(model, cfg, separate=True)
+    assert not model.is_bank and model.resolve_execution([1, 2, 3, 4], "cuda") == "vmap"
+    _, bank = separate_and_bank()
+    with pytest.raises(ValueError, match="this model holds them in one bank"):
+        Optimizers(bank, TrainConfig(T=3), blocks=[1])
