@@ -11,11 +11,18 @@ from noprop.models.dropout import Dropout, keyed_masks
 from tests.error_rule import assert_error_rule
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# CUDA as well where there is one (bench/gpu_check.sh runs `-k cuda`): cuDNN's grouped convolution
+# and cuBLAS's batched GEMM are what the bank runs there.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 T, C, O = 3, 3, 5  # odd channel counts
 
 
 def _leaves(*tensors, dtype):
     return [t.detach().to(dtype).requires_grad_() for t in tensors]
+
+
+def _on(device, *tensors):
+    return tuple(t.to(device) for t in tensors)
 
 
 def _per_block_conv(x, w, b, shared, stride, padding):
@@ -31,7 +38,7 @@ def _check(run, ref_fn, inputs, dtype, name):
     g = torch.Generator().manual_seed(5)
     ref_in = _leaves(*inputs, dtype=torch.float64)
     ref = ref_fn(*ref_in)
-    grad_out = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(ref.shape, generator=g, dtype=torch.float64).to(ref.device)
     ref.backward(grad_out)
     same_in = _leaves(*inputs, dtype=dtype)
     same = ref_fn(*same_in)
@@ -44,18 +51,19 @@ def _check(run, ref_fn, inputs, dtype, name):
         assert_error_rule(a.grad, s.grad, r.grad, f"{name} grad of input {i}", "bank")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B", [1, 7, 129])
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("impl", L.CONV_IMPLS)
-def test_bank_conv2d_is_t_separate_convolutions(impl, shared, B, dtype):
+def test_bank_conv2d_is_t_separate_convolutions(impl, shared, B, dtype, device):
     g = torch.Generator().manual_seed(B)
     stride, padding = (1, 1), (0, 0) if B != 7 else (1, 1)  # one batch size also pads
     x = torch.randn((B if shared else B * T), C, 9, 7, generator=g)
     w = torch.randn(T, O, C, 3, 3, generator=g) / 3
     b = torch.randn(T, O, generator=g)
     _check(lambda x, w, b: L.conv2d(x, w, b, T, shared, impl, stride, padding),
-           lambda x, w, b: _per_block_conv(x, w, b, shared, stride, padding), (x, w, b), dtype,
+           lambda x, w, b: _per_block_conv(x, w, b, shared, stride, padding), _on(device, x, w, b), dtype,
            f"conv {impl} shared={shared} B={B}")
 
 
@@ -67,10 +75,11 @@ def test_bank_conv2d_without_bias_and_with_one_block(impl):
     torch.testing.assert_close(got, F.conv2d(x, w[0]))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B", [1, 7, 129])
 @pytest.mark.parametrize("shared", [True, False])
-def test_bank_linear_is_t_separate_linears(shared, B, dtype):
+def test_bank_linear_is_t_separate_linears(shared, B, dtype, device):
     g = torch.Generator().manual_seed(B)
     K = 13
     x = torch.randn((B if shared else B * T), K, generator=g)
@@ -80,17 +89,19 @@ def test_bank_linear_is_t_separate_linears(shared, B, dtype):
         xs = x if shared else x.view(-1, T, K)
         return torch.stack([F.linear(x if shared else xs[:, t], w[t], b[t]) for t in range(T)], 1).flatten(0, 1)
 
-    _check(lambda x, w, b: L.linear(x, w, b, T, shared), ref, (x, w, b), dtype, f"linear shared={shared} B={B}")
+    _check(lambda x, w, b: L.linear(x, w, b, T, shared), ref, _on(device, x, w, b), dtype,
+           f"linear shared={shared} B={B}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B", [2, 7, 129])  # BatchNorm cannot normalise a batch of one in training
 @pytest.mark.parametrize("training", [True, False])
-def test_bank_batch_norm_is_t_separate_batch_norms(training, B, dtype):
+def test_bank_batch_norm_is_t_separate_batch_norms(training, B, dtype, device):
     g = torch.Generator().manual_seed(B)
     x = torch.randn(B * T, O, generator=g) * 3 + 1
     w, b = torch.rand(T, O, generator=g) + 0.5, torch.randn(T, O, generator=g)
-    stats = torch.randn(T, O, generator=g), torch.rand(T, O, generator=g) + 0.5
+    stats = _on(device, torch.randn(T, O, generator=g), torch.rand(T, O, generator=g) + 0.5)
 
     per_dtype = {}  # the float64 reference and the same-dtype eager run each move statistics of their own
 
@@ -102,7 +113,7 @@ def test_bank_batch_norm_is_t_separate_batch_norms(training, B, dtype):
 
     got_stats = [s.clone().to(dtype) for s in stats]
     _check(lambda x, w, b: L.batch_norm(x, got_stats[0], got_stats[1], w, b, T, training, 0.1, 1e-5),
-           ref, (x, w, b), dtype, f"batch_norm training={training} B={B}")
+           ref, _on(device, x, w, b), dtype, f"batch_norm training={training} B={B}")
     ref_stats = per_dtype[torch.float64]
     for got, same, r in zip(got_stats, per_dtype[dtype], ref_stats):  # the running statistics moved alike
         assert_error_rule(got, same, r, "running statistics", "bank")
