@@ -152,6 +152,9 @@ if [[ $DRY == 0 ]]; then
   step tests-gpu 150 env TRITON_INTERPRET=0 NOPROP_BACKEND=auto "$PYTHON" -m pytest -q --maxfail=10 -p no:cacheprovider \
     -o faulthandler_timeout=60 \
     tests/test_cuda_ext.py tests/test_dispatch.py tests/test_engine.py tests/test_info.py tests/test_graphs.py
+  # The block bank's layers on cuDNN / cuBLAS against float64, and its captured step against its eager steps.
+  step tests-bank-gpu 90 env TRITON_INTERPRET=0 NOPROP_BACKEND=auto "$PYTHON" -m pytest -q --maxfail=10 -p no:cacheprovider \
+    -o faulthandler_timeout=60 -k cuda tests/test_bank_layers.py tests/test_bank.py
   # Collect the background Triton test runs (their logs: tests-triton-<op>.log).
   step tests-triton "$TRITON_LIMIT" bash -c 'rc=0; for op in noise_inject local_loss denoise_step; do
       while [[ ! -f "$0/tests-triton-$op.rc" ]]; do sleep 1; done
@@ -169,9 +172,9 @@ if [[ $DRY == 0 ]]; then
   # Most wanted first (a short budget skips the tail): the op roofline, training throughput and
   # memory against backprop with the CUDA-graph step, the profile; then the rest.
   step bench-ops 90 "$PYTHON" bench/bench_ops.py "$OUT/ops_fp32"
-  step bench-b1024 120 "${NOPROP[@]}" bench --device cuda --batch 1024 --execution both --cuda-graph --repeats "$REPEATS" \
+  step bench-b1024 120 "${NOPROP[@]}" bench --device cuda --batch 1024 --execution loop,vmap,bank --cuda-graph --repeats "$REPEATS" \
     --json "$OUT/bench_b1024.json" --csv "$OUT/bench_b1024.csv"
-  step bench-b128 150 "${NOPROP[@]}" bench --device cuda --batch 128 --chunk-size 5 --execution both --cuda-graph --repeats "$REPEATS" \
+  step bench-b128 150 "${NOPROP[@]}" bench --device cuda --batch 128 --chunk-size 5 --execution loop,vmap,bank --cuda-graph --repeats "$REPEATS" \
     --json "$OUT/bench_b128.json" --csv "$OUT/bench_b128.csv"
   step profile 60 "${NOPROP[@]}" profile --device cuda --steps 3 --nvtx --out "$OUT/profile"
   # The whole step in each precision, DT and backprop treated alike (same precision, graph capture),
@@ -182,6 +185,9 @@ if [[ $DRY == 0 ]]; then
   step bench-b4096 120 "${NOPROP[@]}" bench --device cuda --batch 4096 --methods dt,backprop --modes parallel \
     --precision fp32,bf16 --cuda-graph --repeats 2 --json "$OUT/bench_b4096.json" --csv "$OUT/bench_b4096.csv"
   step profile-bf16 60 "${NOPROP[@]}" profile --device cuda --steps 3 --precision bf16 --out "$OUT/profile_bf16"
+  # Which T-batched convolution the bank should run here (noprop.models.bank_layers): each choice in
+  # a run of its own against the per-step stacked vmap step (NOPROP_BANK_CONV is per process).
+  step bench-bank-conv 100 bash -c "rc=0; for c in grouped gemm; do echo \"== NOPROP_BANK_CONV=\$c\"; NOPROP_BANK_CONV=\$c ${NOPROP[*]} bench --device cuda --batch 1024 --methods dt --modes parallel --execution vmap,bank --cuda-graph --repeats 2 --json '$OUT/bench_bank_conv_'\$c.json || { echo \"conv \$c failed\"; rc=1; }; done; exit \$rc"
   # The main job on the GPU: accuracy and wall time of DT and backprop, each step replayed as a graph.
   step train 100 env PYTHON="$PYTHON" bash bench/gpu_train.sh "$OUT"
   # The same DT step with each op backend (end-to-end effect of the fused kernels).
@@ -195,7 +201,7 @@ if [[ $DRY == 0 ]]; then
     skip bench-ops-pytest "pytest-benchmark is not installed (the bench or test extra)"
   fi
 else
-  step bench-b128 120 "${NOPROP[@]}" bench --quick --device cpu --execution both \
+  step bench-b128 120 "${NOPROP[@]}" bench --quick --device cpu --execution loop,vmap,bank \
     --json "$OUT/bench_b128.json" --csv "$OUT/bench_b128.csv"
   step bench-ops 60 "$PYTHON" bench/bench_ops.py "$OUT/ops_fp32" --allow-cpu
   if [[ $HAVE_PYTEST_BENCHMARK == 1 ]]; then

@@ -1,5 +1,10 @@
-"""How the blocks of a NoProp-DT model execute: one by one (`loop`), stacked (`vmap`) or on
-several CPU threads at once (`threads`).
+"""How the blocks of a NoProp-DT model execute: one by one (`loop`), stacked (`vmap`), on several
+CPU threads at once (`threads`), or held as one bank of stacked parameters (`bank`).
+
+A bank (noprop.models.bank) keeps the parameters and buffers of identical blocks stacked, [T, ...],
+as their source of truth, so a step stacks and copies back nothing; this module decides where one
+is used (`resolve` says 'bank': asked for, or `auto` on CUDA where `vmap` was chosen before) and
+owns the vmapped call (`run_vmapped`) that both a bank of blocks it cannot fold and `run_stacked` use.
 
 Stacked execution runs T structurally identical blocks as one batched computation with
 `torch.func.functional_call` under `vmap`: convolutions become grouped convolutions and the fully
@@ -13,7 +18,8 @@ are ~2-3x slower than separate ones, docs/design.md §12), so `auto` never picks
 CPU. On an H100 (bench/results/nvidia-h100-80gb-hbm3*/, T = 10 DT blocks) stacking wins for the
 whole step (10 blocks: 1.16-1.58x faster than loop at batch 128 and 1024) and for chunks of 5
 (1.13x at batch 128) but loses for chunks of 2 (loop 1.27-1.46x faster), so on CUDA `auto` stacks
-chunks of at least CUDA_VMAP_MIN_BLOCKS blocks (4: between the measured 2 and 5).
+chunks of at least CUDA_VMAP_MIN_BLOCKS blocks (4: between the measured 2 and 5), and now does so
+as a bank for models of that many blocks (the bank itself is not yet measured on a GPU).
 
 Threaded execution is block parallelism on CPU cores, the one kind backprop cannot have: the blocks
 of a training step are split into contiguous groups, and each group's forward, local loss and
@@ -37,7 +43,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-EXECUTIONS = ("auto", "loop", "vmap", "threads")
+EXECUTIONS = ("auto", "loop", "vmap", "threads", "bank")
 CUDA_VMAP_MIN_BLOCKS = 4  # auto on CUDA: stack chunks this large or larger (see the module docstring)
 
 
@@ -59,10 +65,13 @@ def why_not_stackable(blocks: Sequence[nn.Module]) -> str | None:
 
 
 def resolve(execution: str, blocks: Sequence[nn.Module], device: torch.device) -> str:
-    """The execution to use for `blocks` on `device`: 'loop', 'vmap' or 'threads'.
+    """The execution to use for `blocks` on `device`: 'loop', 'vmap', 'threads' or 'bank'.
 
-    An explicit 'vmap' on unstackable blocks, or 'threads' on a non-CPU device, raises with the
-    reason; 'threads' with one block or one intra-op thread has nothing to share out: 'loop'.
+    'bank' means the blocks belong in a bank (noprop.models.bank: stacked parameters as the source
+    of truth); a model whose blocks are separate modules runs that as 'vmap' (stacked per step).
+    An explicit 'vmap' or 'bank' on unstackable blocks, or 'threads' on a non-CPU device, raises
+    with the reason; 'threads' with one block or one intra-op thread has nothing to share out, and
+    one block nothing to stack: 'loop'.
     """
     if execution not in EXECUTIONS:
         raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
@@ -75,11 +84,11 @@ def resolve(execution: str, blocks: Sequence[nn.Module], device: torch.device) -
     if execution == "auto" and kind != "cuda":  # no stacking off CUDA: skip the structure walk (every step)
         return resolve("threads", blocks, device) if kind == "cpu" else "loop"
     reason = why_not_stackable(blocks)
-    if execution == "vmap":
+    if execution in ("vmap", "bank"):
         if reason and len(blocks) > 1:
             raise ValueError(f"cannot stack these blocks: {reason}")
-        return "loop" if reason else "vmap"
-    return "vmap" if reason is None and len(blocks) >= CUDA_VMAP_MIN_BLOCKS else "loop"  # auto on CUDA
+        return "loop" if reason else execution
+    return "bank" if reason is None and len(blocks) >= CUDA_VMAP_MIN_BLOCKS else "loop"  # auto on CUDA
 
 
 def check_threads_device(device) -> None:
@@ -203,18 +212,26 @@ def run_threaded(groups: Sequence[Sequence[int]], work: Callable[[int, list[int]
     return [f.result() for f in futures]
 
 
+def run_vmapped(template: nn.Module, params: dict, buffers: dict, x: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:
+    """K blocks of `template`'s structure as one vmapped call: their parameters and buffers stacked,
+    {name: [K, ...]}; x [B, ...] shared, zs [K, B, d] -> [K, B, m]. BatchNorm updates the running
+    statistics in `buffers` in place (so views of a bank's rows are updated in the bank)."""
+    def one(p, b, z):
+        return functional_call(template, (p, b), (x, z))
+
+    return vmap(one, in_dims=(0, 0, 0), randomness="different")(params, buffers, zs)
+
+
 def run_stacked(blocks: Sequence[nn.Module], x: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:
-    """Blocks k = 0..K-1 on (x, zs[k]) as one vmapped call: x [B, ...], zs [K, B, d] -> [K, B, m]."""
+    """Blocks k = 0..K-1 on (x, zs[k]) as one vmapped call: x [B, ...], zs [K, B, d] -> [K, B, m].
+    Their parameters are stacked for the call (differentiably) and the updated BatchNorm statistics
+    copied back: the per-step cost that a bank (noprop.models.bank) does not pay."""
     names = [n for n, _ in blocks[0].named_parameters()]
     per_block = [dict(b.named_parameters()) for b in blocks]
     params = {n: torch.stack([p[n] for p in per_block]) for n in names}
     buffer_lists = [dict(b.named_buffers()) for b in blocks]
     buffers = {n: torch.stack([bl[n] for bl in buffer_lists]) for n in buffer_lists[0]}
-
-    def one(p, b, z):
-        return functional_call(blocks[0], (p, b), (x, z))
-
-    out = vmap(one, in_dims=(0, 0, 0), randomness="different")(params, buffers, zs)
+    out = run_vmapped(blocks[0], params, buffers, x, zs)
     if blocks[0].training and buffers:
         with torch.no_grad():  # BatchNorm running statistics were updated on the stacked copies
             for k, bl in enumerate(buffer_lists):

@@ -4,7 +4,8 @@ Prints the versions (torch, Triton, CUDA), whether NVML's Python binding (nvidia
 memory figures of `noprop bench`) is installed, the devices, and per device a table of every op in
 `noprop.ops.OPS` x every backend in `noprop.dispatch.BACKENDS`: "available" or a footnote with the
 reason from `dispatch.why_unavailable`, plus what `auto` picks for float32 and float64 inputs and
-how the engine's execution `auto` runs a step's blocks there.
+how the engine's execution `auto` runs a step's blocks there and which convolution a block bank
+runs (noprop.models.bank_layers).
 Nothing here launches a kernel.
 """
 from __future__ import annotations
@@ -58,14 +59,28 @@ def _execution_pick(device: torch.device) -> str:
     why = {"threads": f"groups of blocks on {torch.get_num_threads()} CPU threads at once",
            "loop": "one block after another: 1 torch thread, nothing to share out" if device.type == "cpu"
            else "one block after another",
-           "vmap": "identical blocks stacked into one batched computation"}
+           "vmap": "identical blocks stacked into one batched computation",
+           "bank": "identical blocks held as one bank of stacked parameters, run as one"}
     if device.type == "cuda":  # stacking pays from CUDA_VMAP_MIN_BLOCKS blocks on (noprop.engine)
         many = engine.CUDA_VMAP_MIN_BLOCKS
         stacked = engine.resolve_identical("auto", many, device)
-        return (f"{stacked} ({why[stacked]}) for steps of >= {many} blocks, "
+        return (f"{stacked} ({why[stacked]}) for models of >= {many} blocks, "
                 f"{engine.resolve_identical('auto', many - 1, device)} for fewer")
     pick = engine.resolve_identical("auto", 2, device)
     return f"{pick} ({why[pick]})"
+
+
+def _bank_conv(device: torch.device) -> str:
+    """Which T-batched convolution a block bank runs on `device` (NOPROP_BANK_CONV or the per-device default)."""
+    from noprop.models import bank_layers
+
+    try:
+        impl = bank_layers.conv_impl(device)
+    except ValueError as exc:
+        return f"invalid ({exc})"
+    chosen = "NOPROP_BANK_CONV" if os.environ.get("NOPROP_BANK_CONV", "auto").strip().lower() not in ("", "auto") \
+        else "default here"
+    return f"{impl}: {bank_layers.CONV_WHY[impl]} [{chosen}; NOPROP_BANK_CONV={'|'.join(bank_layers.CONV_IMPLS)}]"
 
 
 def _requested() -> str:
@@ -117,6 +132,7 @@ def report() -> str:
         lines.append(f"  auto picks: {_auto_pick(device, torch.float32)} for float32/float16/bfloat16, "
                      f"{_auto_pick(device, torch.float64)} for float64")
         lines.append(f"  block execution auto: {_execution_pick(device)}")
+        lines.append(f"  bank convolutions: {_bank_conv(device)}")
     if not torch.cuda.is_available():
         lines += ["", "device cuda: none visible to torch (only the CPU rows apply)"]
     if notes:

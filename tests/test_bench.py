@@ -146,8 +146,8 @@ def test_profile_sees_the_block_threads(tmp_path, capsys, torch_threads):
 def test_execution_list_is_checked_against_device_and_threads():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert bench.cli._executions("loop,threads", cpu, 2) == ["loop", "threads"]
-    assert bench.cli._executions("all", cpu, 2) == ["loop", "vmap", "threads"]
-    assert bench.cli._executions("all", cpu, 1) == ["loop", "vmap"]  # one thread: threads would be loop
+    assert bench.cli._executions("all", cpu, 2) == ["loop", "vmap", "threads", "bank"]
+    assert bench.cli._executions("all", cpu, 1) == ["loop", "vmap", "bank"]  # one thread: threads would be loop
     assert bench.cli._executions("both,loop", cuda, 8) == ["loop", "vmap"]
     with pytest.raises(ValueError, match="needs --threads >= 2"):
         bench.cli._executions("threads", cpu, 1)

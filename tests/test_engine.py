@@ -53,16 +53,19 @@ def test_auto_execution_is_per_device_and_explicit_vmap_checks_structure(torch_t
     torch_threads(2)
     assert engine.resolve("auto", blocks, torch.device("cpu")) == "threads"
     assert engine.resolve("auto", blocks[:1], torch.device("cpu")) == "loop"
-    # CUDA: stacked from CUDA_VMAP_MIN_BLOCKS blocks on (measured on an H100: 2 loses, 5 and 10 win)
+    # CUDA: a bank (stacked parameters, noprop.models.bank) from CUDA_VMAP_MIN_BLOCKS blocks on
+    # (stacking measured on an H100: 2 loses, 5 and 10 win)
     many = [TinyBlock(16, 4, 3) for _ in range(engine.CUDA_VMAP_MIN_BLOCKS)]
-    assert engine.resolve("auto", many, torch.device("cuda")) == "vmap"
+    assert engine.resolve("auto", many, torch.device("cuda")) == "bank"
+    assert engine.resolve("bank", many, torch.device("cpu")) == "bank"
     assert engine.resolve("auto", many[:-1], torch.device("cuda")) == "loop"
     assert engine.resolve("auto", blocks, torch.device("cuda")) == "loop"
     with pytest.raises(ValueError, match="runs blocks on CPU threads"):
         engine.resolve("threads", blocks, torch.device("cuda"))
     mixed = [TinyBlock(16, 4, 3), TinyBlock(16, 4, 3, width=8)]
     assert "block 2 differs" in engine.why_not_stackable(mixed)
-    with pytest.raises(ValueError, match="cannot stack"):
-        engine.resolve("vmap", mixed, torch.device("cpu"))
+    for explicit in ("vmap", "bank"):
+        with pytest.raises(ValueError, match="cannot stack"):
+            engine.resolve(explicit, mixed, torch.device("cpu"))
     with pytest.raises(ValueError, match="execution must be one of"):
         engine.resolve("fast", blocks, torch.device("cpu"))

@@ -34,7 +34,21 @@ def test_says_from_how_many_blocks_cuda_stacks():
     from noprop import engine
     n = engine.CUDA_VMAP_MIN_BLOCKS
     assert info._execution_pick(torch.device("cuda")) == (
-        f"vmap (identical blocks stacked into one batched computation) for steps of >= {n} blocks, loop for fewer")
+        f"bank (identical blocks held as one bank of stacked parameters, run as one) for models of >= {n} blocks, "
+        "loop for fewer")
+
+
+def test_says_which_convolution_a_bank_runs(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.delenv("NOPROP_BANK_CONV", raising=False)
+    assert info._bank_conv(torch.device("cuda")).startswith("grouped: one grouped convolution over the blocks [default")
+    info.main()
+    assert "bank convolutions: loop: one convolution per block" in capsys.readouterr().out
+    monkeypatch.setenv("NOPROP_BANK_CONV", "gemm")
+    assert info._bank_conv(torch.device("cpu")).startswith("gemm: unfold + one batched matrix multiply")
+    monkeypatch.setenv("NOPROP_BANK_CONV", "fft")
+    assert info._bank_conv(torch.device("cpu")).startswith("invalid (NOPROP_BANK_CONV must be")
 
 
 def test_runs_as_a_module():

@@ -71,7 +71,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default="dt,backprop,cnn", help="comma-separated: dt, backprop, cnn")
     p.add_argument("--execution", default="auto",
                    help="how DT blocks run, comma-separated to compare: auto (the engine's per-device pick), loop, "
-                        "vmap, threads (CPU, needs --threads >= 2); both = loop,vmap; all = every one the device runs")
+                        "vmap, threads (CPU, needs --threads >= 2), bank (stacked parameters; its convolutions: "
+                        "NOPROP_BANK_CONV); both = loop,vmap; all = every one the device runs")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads, recorded with the results (1 steadies timings on a busy shared machine but "
                         "leaves the CPU's block threads nothing to share out) (default: %(default)s = torch's own, "
@@ -153,7 +154,7 @@ def _precisions(spec: str, device: torch.device) -> list[str]:
 
 def _executions(spec: str, device: torch.device, threads: int) -> list[str]:
     """--execution's list: names checked against the device and the thread count."""
-    aliases = {"both": ["loop", "vmap"], "all": ["loop", "vmap"] + (["threads"] if device.type == "cpu" else [])}
+    aliases = {"both": ["loop", "vmap"], "all": ["loop", "vmap"] + (["threads"] if device.type == "cpu" else []) + ["bank"]}
     names = []
     for name in (n.strip() for n in spec.split(",") if n.strip()):
         for ex in aliases.get(name, [name]):

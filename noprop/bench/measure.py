@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from noprop import engine
 from noprop.bench.plan import Case
 from noprop.stages import sync
 from noprop.data import load
@@ -180,7 +179,7 @@ def measure(case: Case, opts: dict, saved: bool = True) -> dict:
         out["saved_mb"] = meter.peak / 2**20
     if is_dt:
         k = blocks_per_step(case.mode, model.T, cfg.chunk_size)
-        out["execution_used"] = engine.resolve(model.execution, list(model.blocks)[:max(1, min(k, model.T))], device)
+        out["execution_used"] = model.resolve_execution(range(1, max(1, min(k, model.T)) + 1), device)
     else:
         out["execution_used"] = "-"
     if device.type == "cuda":

@@ -16,6 +16,7 @@ from torch import nn
 
 from noprop import engine
 from noprop.embeddings import ClassEmbedding
+from noprop.models.bank import BlockBank
 from noprop.models.dropout import Dropout, block_key, keyed_masks
 from noprop.models.inputs import check_images, check_runs
 from noprop.ops import denoise_step, local_loss, new_seed, noise_inject
@@ -63,9 +64,10 @@ class NoPropDT(nn.Module):
 
     blocks: a sequence of T modules, or a factory t -> module called for t = 1..T (`num_blocks`).
     input_shape: the per-sample image shape, checked on every call when given.
-    execution: how the trained blocks run — 'loop' (one by one), 'vmap' (stacked), 'threads'
-    (groups of blocks on CPU threads at once, in `noprop.training.train_step`) or 'auto' (see
-    noprop.engine).
+    execution: how the trained blocks run — 'loop' (one by one), 'vmap' (stacked per step), 'threads'
+    (groups of blocks on CPU threads at once, in `noprop.training.train_step`), 'bank' (the blocks
+    held as one BlockBank of stacked parameters, noprop.models.bank) or 'auto' (see noprop.engine;
+    `set_execution(execution, device)` makes 'auto' a bank on CUDA).
     In `train_step` on CPU, block t's dropout masks (noprop.models.dropout.Dropout layers) are
     keyed by the step's noise seed and t, so the update does not depend on which blocks share the
     step or on thread timing; stacked (vmap) and CUDA execution draw from torch's generator.
@@ -78,7 +80,7 @@ class NoPropDT(nn.Module):
         self.input_shape = None if input_shape is None else tuple(input_shape)
         if execution not in engine.EXECUTIONS:
             raise ValueError(f"execution must be one of {engine.EXECUTIONS}, got {execution!r}")
-        self.execution = execution
+        self._execution = execution
         if callable(blocks) and not isinstance(blocks, nn.Module):
             T = num_blocks if num_blocks is not None else (schedule.T if schedule else 10)
             blocks = [blocks(t) for t in range(1, T + 1)]
@@ -107,6 +109,50 @@ class NoPropDT(nn.Module):
         self.register_buffer("sqrt_one_minus_alpha_bar", (1 - ab).sqrt().float(), persistent=False)
         self.register_buffer("block_weight", self.schedule.block_loss_weights(eta).float(), persistent=False)
         self._abc = (a.tolist(), b.tolist(), c.sqrt().tolist())
+        self.set_execution(execution)
+
+    @property
+    def execution(self) -> str:
+        """How the blocks run (engine.EXECUTIONS); setting it is `set_execution(value)`."""
+        return self._execution
+
+    @execution.setter
+    def execution(self, value: str) -> None:
+        self.set_execution(value)
+
+    @property
+    def is_bank(self) -> bool:
+        """Whether the blocks are held as one BlockBank (stacked parameters) rather than separate modules."""
+        return isinstance(self.blocks, BlockBank)
+
+    def set_execution(self, execution: str, device=None, separate: bool = False) -> None:
+        """Use `execution` from now on, on `device` (default: where the parameters are). Where it
+        resolves to a bank ('bank', or 'auto' on CUDA for blocks that stack, noprop.engine.resolve)
+        the blocks move into a BlockBank, and back into separate modules where it does not: the
+        parameters become new tensors then, so build optimizers after this call. separate=True keeps
+        separate modules whatever the execution (block-parallel ranks own some of the blocks; 'auto'
+        then stacks them per step on CUDA, as before banks)."""
+        if execution not in engine.EXECUTIONS:
+            raise ValueError(f"execution must be one of {engine.EXECUTIONS}, got {execution!r}")
+        if separate and execution == "bank":
+            raise ValueError("execution 'bank' holds every block in one module, but these blocks must stay "
+                             "separate (block-parallel training): use execution 'auto', 'vmap' or 'loop'")
+        if device is None:
+            device = next(self.parameters()).device
+        bank = not separate and execution in ("bank", "auto") and \
+            engine.resolve(execution, list(self.blocks), device) == "bank"
+        if bank and not self.is_bank:
+            self.blocks = BlockBank(self.blocks)
+        elif not bank and self.is_bank:
+            self.blocks = nn.ModuleList(self.blocks.block(i, copy=True) for i in range(self.T))
+        self._execution = execution
+
+    def block_parameters(self, t: int) -> list[nn.Parameter]:
+        """Block t's (1-based) parameters, in the block's order; for a bank, leaves aliasing its rows
+        (an optimizer over them steps the bank; their .grad is the caller's to set)."""
+        if self.is_bank:
+            return self.blocks.block_parameters(t - 1)
+        return list(self.blocks[t - 1].parameters())
 
     @property
     def T(self) -> int:
@@ -164,6 +210,8 @@ class NoPropDT(nn.Module):
                    dropout_seed: int | None = None) -> torch.Tensor:
         """Logits [len(ts), B, m] of blocks ts (1-based) on their inputs z[t - 1] (z: [T+1, B, d]).
         dropout_seed (run one by one only): block t's dropout masks are keyed by (dropout_seed, t)."""
+        if self.is_bank:
+            return self._run_bank(ts, x, z, dropout_seed)
         chosen = [self.blocks[t - 1] for t in ts]
         if self.resolve_execution(ts, x.device) == "vmap":
             rows = _rows(ts)
@@ -180,14 +228,36 @@ class NoPropDT(nn.Module):
                 out.append(self.block_logits(t, x, z[t - 1]))
         return torch.stack(out)
 
+    def _run_bank(self, ts, x, z, dropout_seed):
+        """Blocks ts through the bank, one call per run of consecutive blocks (a chunk is one run)."""
+        runs, out = [], []
+        for t in ts:
+            if runs and t == runs[-1][-1] + 1:
+                runs[-1].append(t)
+            else:
+                runs.append([t])
+        for run in runs:
+            rows = slice(run[0] - 1, run[-1])
+            out.append(self.blocks(x, z[rows], rows, dropout_seed))
+        logits = out[0] if len(out) == 1 else torch.cat(out)
+        if logits.shape[1:] != (x.shape[0], self.num_classes):
+            raise ValueError(f"blocks must return logits of shape [B, m] = [{x.shape[0]}, {self.num_classes}], "
+                             f"got {list(logits.shape[1:])}")
+        return logits
+
     def shared_parameters(self) -> list[nn.Parameter]:
         """The parameters outside the blocks (the head, a learned embedding): what every block's
         step shares."""
         return [p for n, p in self.named_parameters() if not n.startswith("blocks.")]
 
     def resolve_execution(self, ts: Sequence[int], device) -> str:
-        """How blocks ts (1-based) would run in a training step on `device`: 'loop', 'vmap' or 'threads'."""
-        return engine.resolve(self.execution, [self.blocks[t - 1] for t in ts], device)
+        """How blocks ts (1-based) would run in a training step on `device`: 'loop', 'vmap', 'threads' or
+        'bank'. A bank always runs as one; separate blocks that would belong in a bank are stacked per
+        step ('vmap': a model moved to CUDA without `set_execution`)."""
+        if self.is_bank:
+            return "bank"
+        how = engine.resolve(self.execution, [self.blocks[t - 1] for t in ts], device)
+        return "vmap" if how == "bank" else how
 
     def warn_unkeyed_dropout_once(self) -> None:
         """Called by a threaded training step: one warning per model if a block holds torch's own
@@ -200,6 +270,8 @@ class NoPropDT(nn.Module):
         """Raise ValueError if any block's local loss reaches another block's parameters (a block
         that reads another block's output or state). Costs one forward and T backwards."""
         out = self.losses(x, y)
+        if self.is_bank:
+            return self._check_bank_locality(out)
         params = [list(b.parameters()) for b in self.blocks]
         for t in range(1, self.T + 1):
             others = [(s, p) for s in range(1, self.T + 1) if s != t for p in params[s - 1]]
@@ -209,6 +281,17 @@ class NoPropDT(nn.Module):
             if leaks:
                 raise ValueError(f"block {t} ({type(self.blocks[t - 1]).__name__})'s loss reaches the parameters of "
                                  f"block(s) {leaks}: a NoProp block must not read another block's output")
+
+    def _check_bank_locality(self, out: DTLosses) -> None:
+        """check_locality for a bank: block t's loss may reach row t of the stacked parameters only."""
+        params = list(self.blocks.parameters())
+        for t in range(1, self.T + 1):
+            grads = torch.autograd.grad(out.local[t - 1], params, retain_graph=True, allow_unused=True)
+            leaks = sorted({s for g in grads if g is not None
+                            for s in range(1, self.T + 1) if s != t and bool(g[s - 1].ne(0).any())})
+            if leaks:
+                raise ValueError(f"block {t}'s loss reaches the parameters of block(s) {leaks}: a NoProp block "
+                                 "must not read another block's output")
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor, mean_chain: bool = False, runs: int = 1,
@@ -245,6 +328,8 @@ class NoPropDT(nn.Module):
         def features(ts):
             return [self.blocks[t - 1].features(x) if hasattr(self.blocks[t - 1], "features") else None for t in ts]
 
+        if self.is_bank:
+            return self.blocks.features(x)
         ts = list(range(1, self.T + 1))
         if not engine.threads_for_inference(self.execution, self.T, x.device):
             return features(ts)
@@ -254,4 +339,6 @@ class NoPropDT(nn.Module):
     def _logits_from_features(self, t, x, feats, z):
         if feats is None:
             return self.block_logits(t, x, z)
+        if self.is_bank:
+            return self.blocks.logits_from_features(t - 1, feats, z)
         return self.blocks[t - 1].from_features(feats, z)

@@ -36,8 +36,10 @@ def build_model(cfg: TrainConfig, image_shape, num_classes: int, train: Dataset 
         return NoPropFM(net, embedding, input_shape=image_shape, inference_steps=cfg.inference_steps)
     factory = dt_block_factory(image_shape, num_classes, embedding)
     if cfg.method == "dt":
-        return NoPropDT(factory, embedding, DTSchedule.cosine(cfg.T, cfg.max_alpha_bar), eta=cfg.eta,
-                        input_shape=image_shape, execution=cfg.execution)
+        model = NoPropDT(factory, embedding, DTSchedule.cosine(cfg.T, cfg.max_alpha_bar), eta=cfg.eta,
+                         input_shape=image_shape, execution=cfg.execution)
+        model.set_execution(cfg.execution, cfg.device)  # 'auto' on CUDA holds the blocks in a bank
+        return model
     if cfg.method == "backprop":
         return BackpropDT(factory, embedding, num_blocks=cfg.T, input_shape=image_shape)
     return CNNClassifier(image_shape, num_classes)
@@ -55,17 +57,20 @@ def check_model_matches(model, cfg: TrainConfig) -> None:
         raise ValueError(f"fit: the model has {len(blocks)} blocks but cfg.T is {cfg.T}: set T={len(blocks)}")
 
 
-def apply_execution(model, cfg: TrainConfig) -> None:
-    """Give a NoProp-DT model the execution `cfg` asks for: the config owns the choice for a run,
-    whether fit built the model or the user brought it. An explicit choice the blocks cannot take
-    (vmap on blocks of different structure) raises here, before any training."""
+def apply_execution(model, cfg: TrainConfig, separate: bool = False) -> None:
+    """Give a NoProp-DT model the execution `cfg` asks for on cfg.device: the config owns the choice
+    for a run, whether fit built the model or the user brought it (a bank, or separate blocks, as it
+    resolves: before the optimizers are built; separate=True: separate modules whatever it resolves
+    to, see NoPropDT.set_execution). An explicit choice the blocks cannot take (vmap or bank on
+    blocks of different structure) raises here, before any training."""
     if not isinstance(model, NoPropDT):
         return
-    if cfg.execution == "vmap":
+    if cfg.execution in ("vmap", "bank") and not model.is_bank:
         reason = engine.why_not_stackable(list(model.blocks))
         if reason and len(model.blocks) > 1:
-            raise ValueError(f"execution 'vmap': cannot stack these blocks: {reason} (use execution 'loop' or 'auto')")
-    model.execution = cfg.effective_execution
+            raise ValueError(f"execution {cfg.execution!r}: cannot stack these blocks: {reason} "
+                             "(use execution 'loop' or 'auto')")
+    model.set_execution(cfg.effective_execution, cfg.device, separate)
 
 
 def ready_for_training(model, cfg: TrainConfig, device):

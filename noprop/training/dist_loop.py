@@ -44,6 +44,9 @@ def check_distributable(cfg: TrainConfig) -> None:
         raise ValueError(WHY_NOT_SEQUENTIAL)
     if cfg.cuda_graph:
         raise ValueError(WHY_NOT_GRAPH)
+    if cfg.execution == "bank":
+        raise ValueError("block-parallel training gives each process its own blocks as separate modules; "
+                         "execution 'bank' holds every block in one: use execution 'auto', 'vmap' or 'loop'")
     if cfg.precision != "fp32" or cfg.compile:
         raise ValueError("block-parallel training runs its step in fp32 without torch.compile for now: the "
                          "block-parallel step does not yet pass --precision or --compile to its blocks (drop them, "
@@ -89,7 +92,7 @@ def fit_distributed(cfg: TrainConfig, split, checkpoint_path=None, metrics_path=
         model = build_model(cfg, split.image_shape, split.num_classes, split.train)
     else:
         check_model_matches(model, cfg)
-    apply_execution(model, cfg)
+    apply_execution(model, cfg, separate=True)  # each rank trains its own blocks: no bank
     model = model.to(device)
     opts = Optimizers(model, cfg, blocks=layout.owned)
     history, start_epoch = [], 0

@@ -83,7 +83,11 @@ def channels_last(precision: str, device) -> bool:
 
 
 def prepare_model(model: torch.nn.Module, precision: str, device) -> torch.nn.Module:
-    """The model in the layout `precision` runs in on `device` (in place; 4-D weights only)."""
+    """The model in the layout `precision` runs in on `device` (in place; 4-D weights only). A block
+    bank (noprop.models.bank) stays NCHW: its sample-major layout feeds the grouped convolution
+    without copies in NCHW, and which layout it should run in awaits GPU measurements."""
+    if getattr(model, "is_bank", False):
+        return model
     if channels_last(precision, device):
         model.to(memory_format=torch.channels_last)
     return model

@@ -30,6 +30,13 @@ class Optimizers:
     Every other mode updates every block on every minibatch: then one multi-tensor AdamW (fused on
     CUDA) over all blocks does exactly the same per-parameter arithmetic in fewer launches.
     Backprop baselines: a single AdamW over everything.
+    A bank (noprop.models.bank) is the same arithmetic on fewer, larger tensors: one AdamW over its
+    [T, ...] tensors is elementwise T per-block AdamWs (same step count, weight decay and moments
+    per element) when every block trains on every step. Sequential leaves blocks out, so there each
+    block's AdamW runs over leaves that alias its rows (`NoPropDT.block_parameters`), their gradients
+    pointed at the rows of the bank's before each step: blocks not trained are not touched. Saved
+    optimizer state always has the per-block layout (`state_dict` splits a bank's rows), so a
+    checkpoint resumes with or without a bank.
     capturable (default: cfg.cuda_graph) builds them capturable, as a CUDA graph of the step needs
     (training/graphs.py); only on CUDA, and kept through `load_state_dict`.
     blocks (1-based; None = all): the blocks this process trains, when the others are trained
@@ -46,14 +53,19 @@ class Optimizers:
                 raise ValueError(f"capturable optimizers (for CUDA graphs) need the model on a CUDA device, got {device}")
             kw["capturable"] = True
         self.blocks = []
+        self.bank = model.blocks if isinstance(model, NoPropDT) and model.is_bank else None
+        if self.bank is not None and blocks is not None:
+            raise ValueError("Optimizers(blocks=...) steps some blocks of a model whose blocks are separate "
+                             "modules; this model holds them in one bank (NoPropDT.set_execution(..., separate=True))")
         if isinstance(model, NoPropDT):
             shared_group = {"params": model.shared_parameters(), "lr": cfg.lr * cfg.effective_shared_lr_scale}
             if cfg.mode == "sequential":
-                self.blocks = [torch.optim.AdamW(b.parameters(), **kw) for b in model.blocks]
+                self.blocks = [torch.optim.AdamW(model.block_parameters(t), **kw) for t in range(1, model.T + 1)]
                 self.shared = torch.optim.AdamW([shared_group], **kw)
             else:
                 ts = range(1, model.T + 1) if blocks is None else blocks
-                owned = [p for t in ts for p in model.blocks[t - 1].parameters()]
+                owned = list(self.bank.parameters()) if self.bank is not None else \
+                    [p for t in ts for p in model.blocks[t - 1].parameters()]
                 self.shared = torch.optim.AdamW([{"params": owned}, shared_group], **kw, **fast)
         else:
             self.shared = torch.optim.AdamW(model.parameters(), **kw, **fast)
@@ -61,27 +73,100 @@ class Optimizers:
     def zero_grad(self):
         for opt in self.all():
             opt.zero_grad(set_to_none=True)
+        if self.bank is not None and self.blocks:  # per-block optimizers hold aliases, not the bank's tensors
+            self.bank.zero_grad(set_to_none=True)
 
     def step(self, blocks=None):
         """Step the shared optimizer and, per-block optimizers present, those of `blocks` (1-based;
         None = all)."""
-        chosen = self.blocks if blocks is None else [self.blocks[t - 1] for t in blocks]
+        ts = range(1, len(self.blocks) + 1) if blocks is None else blocks
+        chosen = [self.blocks[t - 1] for t in ts] if self.blocks else []
+        if self.bank is not None and self.blocks:
+            for t in ts:
+                self._point_grads_at_rows(t)
         for opt in chosen + [self.shared]:
             opt.step()
+
+    def _point_grads_at_rows(self, t: int) -> None:
+        """Sequential with a bank: block t's optimizer steps leaves aliasing row t-1; their gradients are
+        that row of the bank's (no copy)."""
+        for alias, p in zip(self.blocks[t - 1].param_groups[0]["params"], self.bank.parameters()):
+            alias.grad = None if p.grad is None else p.grad[t - 1]
 
     def all(self):
         return self.blocks + [self.shared]
 
     def state_dict(self):
-        return [opt.state_dict() for opt in self.all()]
+        states = [opt.state_dict() for opt in self.all()]
+        if self.bank is not None and not self.blocks:
+            states[-1] = _bank_state_per_block(states[-1], len(self.bank), _count(self.bank))
+        return states
 
     def load_state_dict(self, states):
         if len(states) != len(self.all()):
             raise ckpt.CheckpointError("checkpoint optimizer state does not match this model and training mode")
+        if self.bank is not None and not self.blocks:
+            states = states[:-1] + [_per_block_state_banked(states[-1], len(self.bank), _count(self.bank))]
         for opt, st in zip(self.all(), states):
             opt.load_state_dict(st)
             for group in opt.param_groups:  # the checkpoint's groups carry the flag of the run that saved them
                 group["capturable"] = self.capturable
+
+
+def _count(module) -> int:
+    return sum(1 for _ in module.parameters())
+
+
+def _row(value, t):
+    """Row t of a state tensor (t None, or a scalar such as AdamW's step: the value), always a tensor of
+    its own: optimizers step their `step` tensors in place, so entries must not share one."""
+    if not torch.is_tensor(value):
+        return value
+    return (value if t is None or value.dim() == 0 else value[t]).clone()
+
+
+def _bank_state_per_block(state: dict, T: int, P: int) -> dict:
+    """An AdamW state_dict over (bank's P [T, ...] tensors, shared ...) in the layout of T separate
+    blocks (block 1's P tensors, block 2's, ..., shared ...): rows copied out, step counts repeated."""
+    per = {}
+    for j, st in state["state"].items():
+        if j < P:
+            for t in range(T):
+                per[t * P + j] = {k: _row(v, t) for k, v in st.items()}
+        else:
+            per[(T - 1) * P + j] = st
+    groups = [dict(g) for g in state["param_groups"]]
+    groups[0]["params"] = list(range(T * P))
+    for g in groups[1:]:
+        g["params"] = [i + (T - 1) * P for i in g["params"]]
+    return {"state": per, "param_groups": groups}
+
+
+def _per_block_state_banked(state: dict, T: int, P: int) -> dict:
+    """The inverse of `_bank_state_per_block`; a state already in the bank's layout is returned as is."""
+    groups = [dict(g) for g in state["param_groups"]]
+    if len(groups[0]["params"]) == P:
+        return state
+    if len(groups[0]["params"]) != T * P:
+        raise ckpt.CheckpointError("checkpoint optimizer state does not match this model's blocks")
+    banked = {}
+    for j in range(P):
+        rows = [state["state"].get(t * P + j) for t in range(T)]
+        if all(r is None for r in rows):
+            continue
+        if any(r is None for r in rows) or any(not torch.equal(torch.as_tensor(r["step"]), torch.as_tensor(rows[0]["step"]))
+                                                 for r in rows):
+            raise ckpt.CheckpointError("checkpoint optimizer state: the blocks were stepped unequally, so their state "
+                                       "cannot be one optimizer over a bank (resume with execution loop or threads)")
+        banked[j] = {k: torch.stack([r[k] for r in rows]) if torch.is_tensor(v) and v.dim() > 0 else _row(v, None)
+                     for k, v in rows[0].items()}
+    for i, st in state["state"].items():
+        if i >= T * P:
+            banked[i - (T - 1) * P] = st
+    groups[0]["params"] = list(range(P))
+    for g in groups[1:]:
+        g["params"] = [i - (T - 1) * P for i in g["params"]]
+    return {"state": banked, "param_groups": groups}
 
 
 def _chunk_loss(model: NoPropDT, x, y, blocks, seed, include_shared: bool, key_dropout: bool = True) -> torch.Tensor:
