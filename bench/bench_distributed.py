@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+
+from noprop.bench.report import device_name
 
 METHODS = ("noprop", "backprop-ddp")
 
@@ -119,16 +120,6 @@ def _launch(world: int, argv: list, timeout: float) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", action="store_true", help="run as one rank (under torchrun or the driver)")
@@ -169,7 +160,7 @@ def main(argv=None) -> int:
                                                                            runs[(r["W"], "backprop-ddp")])]
             r["speed_vs_ddp_rounds"] = [round(v, 2) for v in ratios]
             r["speed_vs_ddp"] = statistics.median(ratios)
-    lines = [f"{_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, 1-min load average "
+    lines = [f"{device_name(torch.device('cpu'))}, {os.cpu_count()} cores, torch {torch.__version__}, 1-min load average "
              f"{load_before:.2f} before and {os.getloadavg()[0]:.2f} after; T = {args.T}, global batch {args.batch}, 1x{args.image}x{args.image} "
              f"images, {args.threads} torch thread(s) per process, median of {args.rounds} rounds x {args.steps} steps",
              "", "| method | W | ms/step (rounds) | samples/s | bytes/step/rank | comm ms/step | NoProp speed / DDP "
