@@ -66,6 +66,29 @@ def _check_checkpoint_dir(path) -> None:
         raise ValueError(f"checkpoint {path}: cannot create its folder {path.parent} ({exc.strerror})") from None
 
 
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
+def _resume(model, opts: Optimizers, cfg: TrainConfig, checkpoint_path, layout, log) -> tuple[list, int]:
+    """Load a checkpoint folder written on any world size: (history, last completed epoch)."""
+    if not dist_checkpoint.is_distributed_checkpoint(checkpoint_path):
+        raise ckpt.CheckpointError(f"--resume: no distributed checkpoint at {checkpoint_path} to resume from")
+    meta = dist_checkpoint.read_meta(checkpoint_path)
+    _check_resumable(meta, cfg, checkpoint_path)
+    dist_checkpoint.load_training_state(checkpoint_path, model, opts)
+    log(f"resumed from {checkpoint_path} after epoch {meta['epoch']} (written by {meta.get('world')}; "
+        f"now {layout.world} process(es), dp {layout.dp})")
+    return meta["history"], meta["epoch"]
+
+
+def _save(checkpoint_path, model, opts: Optimizers, cfg: TrainConfig, split, epoch: int, history: list, layout,
+          comm) -> None:
+    meta = {"config": asdict(cfg), "epoch": epoch, "history": history, "world": {"W": layout.world, "dp": layout.dp},
+            "data": {"name": split.name, "image_shape": list(split.image_shape), "num_classes": split.num_classes}}
+    dist_checkpoint.save(checkpoint_path, model, opts, layout, comm, meta)
+
+
 def fit_distributed(cfg: TrainConfig, split, checkpoint_path=None, metrics_path=None, resume: bool = False,
                     progress: bool = True, log=print, model=None, dp: int = 1, timeout_s: float = DEFAULT_TIMEOUT_S,
                     overwrite: bool = False):
@@ -97,15 +120,7 @@ def fit_distributed(cfg: TrainConfig, split, checkpoint_path=None, metrics_path=
     opts = Optimizers(model, cfg, blocks=layout.owned)
     history, start_epoch = [], 0
     if resume:
-        if not dist_checkpoint.is_distributed_checkpoint(checkpoint_path):
-            raise ckpt.CheckpointError(f"--resume: no distributed checkpoint at {checkpoint_path} to resume from")
-        meta = dist_checkpoint.read_meta(checkpoint_path)
-        _check_resumable(meta, cfg, checkpoint_path)
-        dist_checkpoint.load_training_state(checkpoint_path, model, opts)
-        history, start_epoch = meta["history"], meta["epoch"]
-        if rank0:
-            log(f"resumed from {checkpoint_path} after epoch {start_epoch} (written by {meta.get('world')}; "
-                f"now {layout.world} process(es), dp {layout.dp})")
+        history, start_epoch = _resume(model, opts, cfg, checkpoint_path, layout, log if rank0 else _quiet)
     if metrics_path and rank0:  # what the checkpoint holds, no more
         Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomically(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
@@ -135,16 +150,11 @@ def fit_distributed(cfg: TrainConfig, split, checkpoint_path=None, metrics_path=
                 f"{record['samples_per_s']:.0f} samples/s  peak mem {record['peak_mem_mb']:.0f} MB (rank 0)  "
                 f"elapsed {elapsed:.0f}s")
         if checkpoint_path:
-            meta = {"config": asdict(cfg), "epoch": epoch, "history": history,
-                    "world": {"W": layout.world, "dp": layout.dp},
-                    "data": {"name": split.name, "image_shape": list(split.image_shape),
-                             "num_classes": split.num_classes}}
-            dist_checkpoint.save(checkpoint_path, model, opts, layout, comm, meta)
+            _save(checkpoint_path, model, opts, cfg, split, epoch, history, layout, comm)
         if rank0 and metrics_path:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
     return model, history
-
 
 
 def fit(cfg: TrainConfig, split, checkpoint_path=None, metrics_path=None, resume: bool = False, progress: bool = True,
