@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from noprop.atomic import write_atomically
+from noprop.messages import first_line
 
 FORMAT = "noprop-checkpoint-v1"
 TRUST_FLAG = "--trust-checkpoint"
@@ -32,7 +33,7 @@ def save(state: dict, path: str | os.PathLike) -> Path:
     try:
         return write_atomically(path, lambda f: torch.save({"format": FORMAT, **state}, f))
     except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
         raise CheckpointError(f"could not write checkpoint {path} ({reason}); the previous checkpoint there, if "
                               "any, is intact") from None
 
@@ -58,7 +59,7 @@ def load(path: str | os.PathLike, map_location="cpu", trusted: bool = False) -> 
                               f"it came from, pass {TRUST_FLAG} (trusted=True in Python)") from None
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: "
-                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+                              f"{first_line(exc)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a noprop checkpoint (expected format {FORMAT!r})")
     return state

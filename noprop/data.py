@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from noprop.array_pickle import RefusedGlobal, load_array_pickle
+from noprop.messages import first_line
 
 
 class DataError(ValueError):
@@ -45,10 +46,6 @@ class Split:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.images.shape[1:])
-
-
-def _one_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _check_label_range(lo, hi, num_classes: int, what: str) -> None:
@@ -80,7 +77,7 @@ def _as_labels(labels, num_classes: int, what: str) -> torch.Tensor:
     try:
         arr = np.asarray(labels)
     except (ValueError, TypeError) as exc:
-        raise DataError(f"{what}: labels are not a flat sequence of numbers ({_one_line(exc)})") from None
+        raise DataError(f"{what}: labels are not a flat sequence of numbers ({first_line(exc)})") from None
     if arr.dtype.kind == "f" and arr.size:
         bad = ~np.isfinite(arr) | (arr != np.floor(arr))
         if bad.any():
@@ -100,7 +97,7 @@ def _as_images(images, what: str) -> torch.Tensor:
     try:
         arr = np.asarray(images)
     except (ValueError, TypeError) as exc:
-        raise DataError(f"{what}: images are not an array of numbers ({_one_line(exc)})") from None
+        raise DataError(f"{what}: images are not an array of numbers ({first_line(exc)})") from None
     if arr.dtype.kind not in "biuf":
         raise DataError(f"{what}: images must be numbers, got {arr.dtype} values")
     return torch.from_numpy(arr.astype(np.float32, copy=False))
@@ -154,7 +151,7 @@ def load_mnist5k(seed: int = 0) -> Split:
         with np.load(path, allow_pickle=False) as f:
             pixels, labels = f["images"], f["labels"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"cannot read the embedded MNIST-5k file {path}: {_one_line(exc)}") from None
+        raise DataError(f"cannot read the embedded MNIST-5k file {path}: {first_line(exc)}") from None
     if pixels.shape != (5000, 1, 28, 28) or labels.shape != (5000,):
         raise DataError(f"embedded MNIST-5k file {path} is damaged: images {pixels.shape}, labels {labels.shape}")
     images, labels = pixels.astype(np.float32) / 255.0, labels.astype(np.int64)
@@ -214,7 +211,7 @@ def _unpickle(path: Path) -> dict:
         raise DataError(f"CIFAR batch {path}: refusing to load a pickle that asks for {exc.name} (a CIFAR batch "
                         "holds only lists, dicts, bytes and numpy arrays)") from None
     except Exception as exc:  # a damaged pickle can fail in many ways; each is one line for the user
-        raise DataError(f"cannot read CIFAR batch {path}: {_one_line(exc)}") from None
+        raise DataError(f"cannot read CIFAR batch {path}: {first_line(exc)}") from None
     if not isinstance(batch, dict):
         raise DataError(f"CIFAR batch {path} holds a {type(batch).__name__}, not a dict: not a CIFAR python batch")
     # Python 2 pickles read as latin-1 give str keys; batches re-pickled from bytes-keyed dicts give b'data'.
@@ -227,7 +224,7 @@ def _cifar_images(batch: dict, path: Path) -> np.ndarray:
     try:
         data = np.asarray(batch["data"])
     except (ValueError, TypeError) as exc:
-        raise DataError(f"{path}: 'data' is not an array of pixel values ({_one_line(exc)})") from None
+        raise DataError(f"{path}: 'data' is not an array of pixel values ({first_line(exc)})") from None
     if data.dtype.kind not in "iuf":
         raise DataError(f"{path}: 'data' must hold pixel values (numbers), got {data.dtype} values")
     if data.ndim < 1 or data.shape[0] == 0 or data.size != data.shape[0] * 3072:

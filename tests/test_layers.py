@@ -10,7 +10,8 @@ KERNELS = ROOT.parent / "kernels"
 # Lowest first. A module's floor is that of the longest prefix listed.
 FLOORS = [
     ("ground", ("noprop.schedule", "noprop.embeddings", "noprop.data", "noprop.devices", "noprop.atomic",
-                "noprop.stages", "noprop.checkpoint", "noprop.options", "noprop.array_pickle")),
+                "noprop.stages", "noprop.checkpoint", "noprop.options", "noprop.array_pickle",
+                "noprop.messages")),
     ("kernels", ("noprop.kernels",)),
     ("ops", ("noprop.ops", "noprop.dispatch")),
     ("engine", ("noprop.engine",)),

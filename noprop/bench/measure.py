@@ -19,7 +19,7 @@ from noprop.stages import sync
 from noprop.data import load
 from noprop.models import NoPropDT
 from noprop.training import CapturedStep, Optimizers, TrainConfig, build_model, ready_for_training, train_step
-from noprop.training.config import blocks_per_step, epoch_plan
+from noprop.training.config import blocks_per_step
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -137,7 +137,7 @@ def step_factory(case: Case, data: str, batch: int, T: int, chunk_size: int, dev
             captured(x, y)  # reads the loss like train_step does: one host sync per step in both
 
         return model, cfg, replay
-    plan = epoch_plan(case.mode, T) if case.method == "dt" else [None]
+    plan = cfg.passes
     chunk = cfg.chunk if case.method == "dt" else None
     cursor = [0]
 

@@ -220,6 +220,12 @@ class TrainConfig:
         return self.execution
 
     @property
+    def passes(self) -> list:
+        """The passes over the data in one epoch (`epoch_plan`): one for every method but the
+        sequential mode of NoProp-DT, which trains one block per pass."""
+        return epoch_plan(self.mode, self.T) if self.method == "dt" else [None]
+
+    @property
     def chunk(self) -> int | None:
         """Blocks per chunk within a minibatch (None: all at once)."""
         return {"chunked": self.chunk_size, "lean": 1}.get(self.mode)

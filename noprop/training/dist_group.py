@@ -18,6 +18,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from noprop.messages import first_line
+
 BACKENDS = ("auto", "gloo", "nccl")
 DEFAULT_TIMEOUT_S = 300.0
 BEAT_S = 0.5  # heartbeat period
@@ -109,11 +111,6 @@ def abandon() -> None:
     _heart.stop()
     if active():
         dist.destroy_process_group()
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _key(what: str, rank: int) -> str:

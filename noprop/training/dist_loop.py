@@ -29,8 +29,8 @@ from noprop.training.distributed import (DEFAULT_TIMEOUT_S, WHY_NOT_GRAPH, WHY_N
                                           active, check_same_setup, data_fingerprint, gather_blocks, make_layout,
                                           rank_device)
 from noprop.training import loop
-from noprop.training.loop import (_check_finite_parameters, _check_resumable, _train_epoch, evaluate,
-                                  peak_memory_mb)
+from noprop.training.loop import (_check_finite_parameters, _check_resumable, _train_epoch, check_not_overwriting,
+                                  evaluate, peak_memory_mb)
 from noprop.training.step import Optimizers
 
 
@@ -103,9 +103,7 @@ def fit_distributed(cfg: TrainConfig, split, checkpoint_path=None, metrics_path=
     validate(split.train.images, split.train.labels, split.num_classes, "training set")
     device = usable_device(rank_device(cfg.device), "device")
     _check_checkpoint_dir(checkpoint_path)
-    if checkpoint_path is not None and Path(checkpoint_path).exists() and not resume and not overwrite:
-        raise ValueError(f"checkpoint {checkpoint_path} already exists: pass --resume to continue that run, "
-                         "--overwrite to replace it, or another --checkpoint")
+    check_not_overwriting(checkpoint_path, resume, overwrite)
     layout = make_layout(cfg.T, dp, device, timeout_s)
     comm = Comm(layout)
     check_same_setup(cfg, layout, comm, data_fingerprint(split))

@@ -14,11 +14,12 @@ from tqdm.auto import tqdm
 
 from noprop import checkpoint as ckpt
 from noprop.atomic import write_text_atomically
-from noprop.data import Dataset, Split, batches, fingerprint, random_shift, validate
+from noprop.data import Dataset, Split, batch_bounds, batches, fingerprint, random_shift, validate
 from noprop.devices import usable_device
+from noprop.messages import first_line
 from noprop.models import NoPropCT, NoPropDT, NoPropFM
 from noprop.training.build import build_model, check_model_matches, ready_for_training
-from noprop.training.config import CONTINUOUS, TrainConfig, epoch_plan
+from noprop.training.config import CONTINUOUS, TrainConfig
 from noprop.training.graphs import CapturedStep
 from noprop.training.precision import precision_context, prepare_input
 from noprop.training.step import Optimizers, train_step
@@ -86,12 +87,6 @@ def _check_output_path(path, what: str) -> None:
         raise ValueError(f"{what} {path}: its folder {path.parent} is not writable")
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an error's message (load_state_dict's lists every missing key), or its type."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _check_resumable(state: dict, cfg: TrainConfig, path) -> None:
     saved = TrainConfig.from_dict(state.get("config", {})) if isinstance(state.get("config"), dict) else None
     if saved is None:
@@ -153,8 +148,8 @@ class _Stepper:
 
 def _train_epoch(step: _Stepper, split: Split, cfg: TrainConfig, epoch: int, gen, progress: bool) -> dict:
     """One epoch's passes over the training data: {train_loss, samples_per_s, train_s}."""
-    plan = epoch_plan(cfg.mode, cfg.T) if cfg.method == "dt" else [None]
-    n_batches = math.ceil(len(split.train) / cfg.batch_size)
+    plan = cfg.passes
+    n_batches = len(batch_bounds(len(split.train), cfg.batch_size, min_last=2))
     bar = tqdm(total=n_batches * len(plan), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress,
                leave=False, unit="batch")
     t0, total, count, seen = time.perf_counter(), 0.0, 0, 0
@@ -193,6 +188,12 @@ def _check_before_training(cfg: TrainConfig, split: Split, checkpoint_path, metr
                          "set --threads 2 or more, or use execution 'loop'")
     _check_output_path(checkpoint_path, "checkpoint")
     _check_output_path(metrics_path, "metrics file")
+    check_not_overwriting(checkpoint_path, resume, overwrite)
+
+
+def check_not_overwriting(checkpoint_path, resume: bool, overwrite: bool) -> None:
+    """An existing checkpoint (a file, or a distributed run's folder) is continued only when resuming
+    and replaced only when told to."""
     if checkpoint_path is not None and Path(checkpoint_path).exists() and not resume and not overwrite:
         raise ValueError(f"checkpoint {checkpoint_path} already exists: pass --resume to continue that run, "
                          "--overwrite to replace it, or another --checkpoint")
@@ -231,8 +232,7 @@ def fit(cfg: TrainConfig, split: Split, checkpoint_path=None, metrics_path=None,
         write_text_atomically(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
     elapsed = history[-1]["elapsed_s"] if history else 0.0
     gen = torch.Generator().manual_seed(cfg.seed)
-    plan = epoch_plan(cfg.mode, cfg.T) if cfg.method == "dt" else [None]
-    for _ in range(start_epoch * len(plan)):  # keep the shuffling sequence of an uninterrupted run
+    for _ in range(start_epoch * len(cfg.passes)):  # keep the shuffling sequence of an uninterrupted run
         torch.randperm(len(split.train), generator=gen)
     step = _Stepper(model, opts, cfg, device)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
