@@ -272,7 +272,7 @@ def _eval(args) -> int:
     from noprop.data import load
     from noprop.training import evaluate, load_model
 
-    check_ranges(args, {"eval_runs": 1, "inference_steps": 1, "seed": 0, "threads": 1})
+    check_ranges(args, {"eval_runs": 1, "inference_steps": 1, "seed": 0})  # --threads: set_threads
     set_threads(args.threads)
     model, cfg, _ = load_model(args.checkpoint, usable_device(args.device), trusted=args.trust_checkpoint)
     split = load(cfg.data, args.data_dir or cfg.data_dir, cfg.seed)

@@ -114,7 +114,7 @@ def _all_threads_config():
 def main_args(args) -> int:
     from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
 
-    check_ranges(args, {"steps": 1, "warmup": 0, "batch": 1, "T": 1, "chunk_size": 1, "row_limit": 1, "threads": 1})
+    check_ranges(args, {"steps": 1, "warmup": 0, "batch": 1, "T": 1, "chunk_size": 1, "row_limit": 1})
     device = usable_device(args.device)
     set_threads(args.threads)
     enable_nvtx(args.nvtx)
