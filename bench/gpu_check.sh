@@ -154,7 +154,7 @@ if [[ $DRY == 0 ]]; then
     tests/test_cuda_ext.py tests/test_dispatch.py tests/test_engine.py tests/test_info.py tests/test_graphs.py
   # The block bank's layers on cuDNN / cuBLAS against float64, and its captured step against its eager steps.
   step tests-bank-gpu 90 env TRITON_INTERPRET=0 NOPROP_BACKEND=auto "$PYTHON" -m pytest -q --maxfail=10 -p no:cacheprovider \
-    -o faulthandler_timeout=60 -k cuda tests/test_bank_layers.py tests/test_bank.py
+    -o faulthandler_timeout=60 -k cuda tests/test_bank_layers.py tests/test_bank.py tests/test_backprop_bank.py
   # Collect the background Triton test runs (their logs: tests-triton-<op>.log).
   step tests-triton "$TRITON_LIMIT" bash -c 'rc=0; for op in noise_inject local_loss denoise_step; do
       while [[ ! -f "$0/tests-triton-$op.rc" ]]; do sleep 1; done

@@ -58,9 +58,11 @@ def _add_train_args(p):
                    help="run the blocks of each step through torch.compile (dt, backprop, cnn; not with --execution "
                         "threads; the first steps pay the compilation; dropout masks come from the compiled graph)")
     p.add_argument("--execution", choices=engine.EXECUTIONS, default=DEFAULTS.execution,
-                   help="how the blocks of a step run: one by one (loop), stacked with vmap, in groups on CPU "
-                        "threads at once (threads: block parallelism, sharing torch's intra-op threads), or auto "
-                        "(threads on CPU with >= 2 torch threads; on CUDA vmap for >= 4 blocks at once, else loop)")
+                   help="how the blocks of a step run: one by one (loop), stacked with vmap per step, in groups on "
+                        "CPU threads at once (threads: block parallelism, sharing torch's intra-op threads), held "
+                        "stacked in a block bank (bank), or auto (threads on CPU with >= 2 torch threads; on CUDA a "
+                        "bank for >= 4 blocks, else loop). --method backprop: loop, bank (its image branches "
+                        "stacked) or auto")
     p.add_argument("--embedding", choices=("onehot", "learned", "prototype"), default=DEFAULTS.embedding,
                    help="class embedding: fixed one-hot, learned (--embed-dim), or prototype (image-sized)")
     p.add_argument("--embed-dim", type=int, default=DEFAULTS.embed_dim, help="dimension d of a learned embedding")
@@ -98,7 +100,7 @@ def _add_train_args(p):
 APPLIES = {
     "mode": (lambda c: c.method == "dt", "it picks NoProp-DT's update mode (--method dt)"),
     "chunk_size": (lambda c: c.method == "dt" and c.mode == "chunked", "it sets the chunk of --mode chunked"),
-    "execution": (lambda c: c.method == "dt", "it says how NoProp-DT's blocks run (--method dt)"),
+    "execution": (lambda c: c.method in ("dt", "backprop"), "it says how the blocks of dt and backprop run"),
     "embedding": (lambda c: c.method != "cnn", "the cnn baseline has no class embedding"),
     "embed_dim": (lambda c: c.embedding == "learned", "it sizes a learned embedding (--embedding learned)"),
     "T": (lambda c: c.method in ("dt", "backprop"), "ct, fm and cnn train one network, not T blocks"),

@@ -139,8 +139,10 @@ def test_bench_plan_adds_the_graph_cases_after_all_others():
     cases, _ = bench.plan(["dt", "backprop"], ["parallel", "lean"], ["loop", "vmap"], T=3, chunk_size=2,
                           cuda_graph=True)
     labels = [c.label for c in cases]
-    assert labels == ["dt parallel (loop)", "dt parallel (vmap)", "dt lean (loop)", "backprop",
-                      "dt parallel+graph (loop)", "dt parallel+graph (vmap)", "backprop+graph"]
+    # vmap stacks: backprop is planned with its image branches in a bank too (its like-for-like partner)
+    assert labels == ["dt parallel (loop)", "dt parallel (vmap)", "dt lean (loop)", "backprop", "backprop (bank)",
+                      "dt parallel+graph (loop)", "dt parallel+graph (vmap)", "backprop+graph",
+                      "backprop+graph (bank)"]
     assert len(set(labels)) == len(labels)
     plain, _ = bench.plan(["dt"], ["parallel"], ["auto"], T=3, chunk_size=2)
     assert [c.label for c in plain] == ["dt parallel"] and not plain[0].graph
@@ -371,12 +373,13 @@ def test_backprop_replays_equal_its_eager_steps():
     assert step.seed is None
 
 
-def _assert_replays_equal_eager_steps(model, cfg, seed, n=4):
+def _assert_replays_equal_eager_steps(model, cfg, seed, n=4, data=None):
     """N replays of a CapturedStep of `model` and N eager train_steps of its twin, from the same CUDA
-    generator state: the same losses (all different), parameters and optimizer state. Returns the step."""
+    generator state: the same losses (all different), parameters and optimizer state. Returns the step.
+    data: the N (x, y) CUDA batches (default: tiny ones for the tests' small blocks)."""
     twin = copy.deepcopy(model)
     opts, twin_opts = Optimizers(model, cfg), Optimizers(twin, cfg)
-    data = _cuda_batches(n)
+    data = _cuda_batches(n) if data is None else data
     torch.cuda.manual_seed(seed)
     step = graphs.CapturedStep(model, opts, *data[0])
     captured = [step(x, y) for x, y in data]

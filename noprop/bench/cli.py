@@ -26,7 +26,7 @@ def run(opts: dict, methods, modes, executions, log=print, on_progress=None) -> 
     device = torch.device(opts["device"])
     env = environment(device, opts["threads"])
     cases, notes = plan(methods, modes, executions, opts["T"], opts["chunk_size"], opts.get("cuda_graph", False),
-                        opts.get("precisions", ("fp32",)), opts.get("compile", False))
+                        opts.get("precisions", ("fp32",)), opts.get("compile", False), opts["device"])
     for note in notes:
         log(f"note: {note}")
     per_round = {c.label: [] for c in cases}

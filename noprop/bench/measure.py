@@ -181,7 +181,7 @@ def measure(case: Case, opts: dict, saved: bool = True) -> dict:
         k = blocks_per_step(case.mode, model.T, cfg.chunk_size)
         out["execution_used"] = model.resolve_execution(range(1, max(1, min(k, model.T)) + 1), device)
     else:
-        out["execution_used"] = "-"
+        out["execution_used"] = ("bank" if model.is_bank else "loop") if hasattr(model, "is_bank") else "-"
     if device.type == "cuda":
         out["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         out["peak_mem_kind"] = "torch.cuda.max_memory_allocated"

@@ -11,8 +11,20 @@ DT_MODES = MODES
 EXECUTIONS = tuple(e for e in engine.EXECUTIONS if e != "auto")  # measurable ones; "auto" picks one of them
 BASELINES = ("backprop", "cnn")
 # What a DT case and the backprop case it is divided by must share (report.add_ratios): the same
-# arithmetic, the same compiler and the same capture, or the ratio measures those instead of NoProp.
+# arithmetic, the same compiler and the same capture, or the ratio measures those instead of NoProp;
+# and the same stacking (LIKE): a stacked DT step (vmap, bank) against backprop with its image
+# branches stacked in a bank, an unstacked one (loop, threads) against backprop's loop.
 TREATMENT = ("precision", "compile", "graph")
+LIKE = TREATMENT + ("stacked",)
+STACKED = ("vmap", "bank")  # executions (as resolved) that run blocks as one stacked computation
+
+
+def backprop_executions(methods, executions, T: int, device) -> list[str]:
+    """The backprop baseline's executions that give each DT execution a like-for-like partner: 'bank'
+    for one that stacks on `device`, 'loop' for one that does not (without dt: what 'auto' is here)."""
+    wanted = executions if "dt" in methods else ["auto"]
+    return list(dict.fromkeys("bank" if engine.resolve_identical(ex, T, device) in STACKED else "loop"
+                              for ex in wanted))
 
 
 @dataclass
@@ -22,7 +34,7 @@ class Case:
 
     method: str
     mode: str  # dt: a training mode; baselines: "end-to-end"
-    execution: str  # loop | vmap | threads | auto ("-" for baselines: they run end to end)
+    execution: str  # dt: loop | vmap | threads | bank | auto; backprop: loop | bank; cnn: "-"
     graph: bool = False  # dt parallel and backprop only: the step captured as a CUDA graph and replayed
     precision: str = "fp32"
     compile: bool = False  # the step's blocks through torch.compile (noprop.training.compiling)
@@ -36,13 +48,13 @@ class Case:
         tags = [t for t in (self.precision if self.precision != "fp32" else "", "compile" if self.compile else "") if t]
         tail = f" [{', '.join(tags)}]" if tags else ""
         if self.method != "dt":
-            return self.method + ("+graph" if self.graph else "") + tail
+            return self.method + ("+graph" if self.graph else "") + (" (bank)" if self.execution == "bank" else "") + tail
         return f"dt {self.mode}" + ("+graph" if self.graph else "") + \
             ("" if self.execution in ("auto", "-") else f" ({self.execution})") + tail
 
 
 def plan(methods, modes, executions, T: int, chunk_size: int, cuda_graph: bool = False,
-         precisions=("fp32",), compile: bool = False) -> tuple[list[Case], list[str]]:
+         precisions=("fp32",), compile: bool = False, device="cpu") -> tuple[list[Case], list[str]]:
     """Cases to run and notes on the ones skipped. vmap and threads are only run where they differ
     from loop: a lean chunk or a sequential step holds one block (nothing to stack or share out), as
     does a chunk of 1.
@@ -52,16 +64,19 @@ def plan(methods, modes, executions, T: int, chunk_size: int, cuda_graph: bool =
     and cnn), after the eager ones.
     cuda_graph: each dt parallel case, and backprop, is repeated captured as a CUDA graph (eager
     bodies), after all the other cases (in-process on CUDA, a failed capture could leave the context
-    unusable for what follows). A dt graph case is then compared with backprop+graph: replay against replay."""
+    unusable for what follows). A dt graph case is then compared with backprop+graph: replay against replay.
+    backprop runs in each of `backprop_executions` (its bank where a DT execution stacks on `device`)."""
     eager, notes, compiled, graphs = [], [], [], []
+    baseline_executions = {"backprop": backprop_executions(methods, executions, T, device), "cnn": ["-"]}
     for precision in precisions:
         for method in methods:
             if method in BASELINES:
-                eager.append(Case(method, "end-to-end", "-", precision=precision))
-                if compile:
-                    compiled.append(Case(method, "end-to-end", "-", precision=precision, compile=True))
-                if cuda_graph and method == "backprop":
-                    graphs.append(Case(method, "end-to-end", "-", graph=True, precision=precision))
+                for ex in baseline_executions[method]:
+                    eager.append(Case(method, "end-to-end", ex, precision=precision))
+                    if compile:
+                        compiled.append(Case(method, "end-to-end", ex, precision=precision, compile=True))
+                    if cuda_graph and method == "backprop":
+                        graphs.append(Case(method, "end-to-end", ex, graph=True, precision=precision))
                 continue
             for mode in modes:
                 for ex in executions:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from noprop.atomic import write_text_atomically
-from noprop.bench.plan import DT_MODES, EXECUTIONS, TREATMENT, Case
+from noprop.bench.plan import DT_MODES, EXECUTIONS, LIKE, STACKED, TREATMENT, Case
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 CSV_COLUMNS = ("method", "mode", "execution", "execution_used", "cuda_graph", "precision", "compile", "device",
@@ -117,32 +117,40 @@ def _treatment(rec: dict) -> tuple:
     return tuple(values[name] for name in TREATMENT)
 
 
+def _like(rec: dict) -> tuple:
+    """The record's treatment and whether its blocks ran stacked (plan.LIKE's order)."""
+    return _treatment(rec) + (rec.get("execution_used") in STACKED,)
+
+
+_WORDS = {"compile": ("compiled", "eager"), "graph": ("graph", "eager"), "stacked": ("stacked", "unstacked")}
+
+
 def _differences(rec: dict, base: dict) -> str | None:
     """How a record's treatment differs from its baseline's ('bf16 vs fp32; graph vs eager'), or None."""
     def word(name, value):
-        return value if name == "precision" else {"compile": "compiled", "graph": "graph"}[name] if value else "eager"
+        return value if name == "precision" else _WORDS[name][0 if value else 1]
 
     out = [f"{word(name, mine)} vs {word(name, theirs)}"
-           for name, mine, theirs in zip(TREATMENT, _treatment(rec), _treatment(base)) if mine != theirs]
+           for name, mine, theirs in zip(LIKE, _like(rec), _like(base)) if mine != theirs]
     return "; ".join(out) or None
 
 
 def _baseline(rec: dict, bases: list[dict]) -> dict | None:
-    """The backprop record `rec` is divided by. Like for like: the one with the same precision, compile
-    and capture. A backprop record itself is divided by the plain one (fp32, eager, no graph), which
-    shows what its treatment does for backprop. Where no like one was measured, the closest (fewest
-    differences, then plan order): add_ratios labels that pair unlike."""
+    """The backprop record `rec` is divided by. Like for like: the one with the same precision, compile,
+    capture and stacking. A backprop record itself is divided by the plain one (fp32, eager, no graph,
+    blocks one by one), which shows what its treatment does for backprop. Where no like one was
+    measured, the closest (fewest differences, then plan order): add_ratios labels that pair unlike."""
     if not bases:
         return None
-    want = ("fp32", False, False) if rec["method"] == "backprop" else _treatment(rec)
-    return min(bases, key=lambda b: sum(x != y for x, y in zip(_treatment(b), want)))
+    want = ("fp32", False, False, False) if rec["method"] == "backprop" else _like(rec)
+    return min(bases, key=lambda b: sum(x != y for x, y in zip(_like(b), want)))
 
 
 def add_ratios(records: list[dict], per_round: dict) -> None:
     """Throughput, memory and saved-bytes ratios to backprop; throughput per round (side by side).
 
     `ratio_base` names the backprop record each record was divided by (see `_baseline`), and
-    `ratio_unlike` says how the two differ in precision, compile or capture (None: like for like):
+    `ratio_unlike` says how the two differ in precision, compile, capture or stacking (None: like for like):
     an unlike ratio is never reported without saying so."""
     bases = [r for r in records if r["method"] == "backprop" and r.get("ms_per_step")]
     for rec in records:
@@ -193,7 +201,7 @@ def table(records: list[dict]) -> str:
         lines.append(f"{r['label']:<{width}}{r['ms_per_step']:>10.1f}{spread:>18}"
                      f"{r['samples_per_s']:>11.1f}{ratio:>11}{r['peak_mem_mb']:>9.0f}{saved:>10}{sratio:>11}{unlike}")
     graph_bases = any((r.get("ratio_base") or "").startswith("backprop+graph") for r in records)
-    lines.append("x backprop: against the backprop row of the same precision, compile and capture"
+    lines.append("x backprop: against the backprop row of the same precision, compile, capture and stacking"
                  + ("; +graph rows against backprop+graph, replay against replay" if graph_bases else "")
                  + ("; (unlike: ...) marks a row without one (a backprop row: what its setting does for backprop)"
                     if any(r.get("ratio_unlike") for r in records) else ""))

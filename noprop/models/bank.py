@@ -55,11 +55,15 @@ class _Fold:
     def __init__(self):
         self.T = self.B = None
         self.rows, self.full, self.impl, self.generators = slice(None), True, "loop", None
+        self.unbound = None  # within BlockBank.one_at_a_time(): {id: (tensor, its rows)}
 
     def take(self, tensor):
         """The rows of this call of a stacked parameter or buffer (a view: no copy)."""
         if tensor is None or self.full:
             return tensor
+        if self.unbound is not None and tensor.requires_grad and self.T == 1:
+            _, rows = self.unbound.setdefault(id(tensor), (tensor, tensor.unbind(0)))
+            return rows[self.rows.start].unsqueeze(0)
         return tensor[self.rows]
 
     def shared(self, x) -> bool:
@@ -257,6 +261,22 @@ class BlockBank(nn.Module):
     def block_parameters(self, i: int) -> list[nn.Parameter]:
         """Block i's parameters as leaves aliasing row i, in the block's order (for per-block optimizers)."""
         return [nn.Parameter(p.detach()[i], requires_grad=p.requires_grad) for p in self.parameters()]
+
+    @contextlib.contextmanager
+    def one_at_a_time(self):
+        """For a forward that calls the blocks one by one, each on the previous one's output (the
+        backprop baseline's chain): within it, one-block calls read their parameters from one
+        `unbind` of each stacked parameter, made once for the context. Its backward then writes the
+        [T, ...] gradient once, where T row slices would each add a zero-filled [T, ...] gradient."""
+        f = self._fold
+        if f.unbound is not None:
+            yield
+            return
+        f.unbound = {}
+        try:
+            yield
+        finally:
+            f.unbound = None
 
     @contextlib.contextmanager
     def _call(self, rows: slice, B: int, device, dropout_seed: int | None):

@@ -41,7 +41,9 @@ def build_model(cfg: TrainConfig, image_shape, num_classes: int, train: Dataset 
         model.set_execution(cfg.execution, cfg.device)  # 'auto' on CUDA holds the blocks in a bank
         return model
     if cfg.method == "backprop":
-        return BackpropDT(factory, embedding, num_blocks=cfg.T, input_shape=image_shape)
+        model = BackpropDT(factory, embedding, num_blocks=cfg.T, input_shape=image_shape)
+        model.set_execution(cfg.execution, cfg.device)  # 'auto' on CUDA: the image branches in a bank
+        return model
     return CNNClassifier(image_shape, num_classes)
 
 
@@ -58,11 +60,14 @@ def check_model_matches(model, cfg: TrainConfig) -> None:
 
 
 def apply_execution(model, cfg: TrainConfig, separate: bool = False) -> None:
-    """Give a NoProp-DT model the execution `cfg` asks for on cfg.device: the config owns the choice
+    """Give a NoProp-DT (or backprop baseline) model the execution `cfg` asks for on cfg.device: the config owns the choice
     for a run, whether fit built the model or the user brought it (a bank, or separate blocks, as it
     resolves: before the optimizers are built; separate=True: separate modules whatever it resolves
     to, see NoPropDT.set_execution). An explicit choice the blocks cannot take (vmap or bank on
     blocks of different structure) raises here, before any training."""
+    if isinstance(model, BackpropDT):
+        model.set_execution(cfg.effective_execution, cfg.device)
+        return
     if not isinstance(model, NoPropDT):
         return
     if cfg.execution in ("vmap", "bank") and not model.is_bank:

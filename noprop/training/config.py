@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 from noprop import engine
+from noprop.models.backprop import why_not_backprop_execution
 
 METHODS = ("dt", "backprop", "cnn", "ct", "fm")
 CONTINUOUS = ("ct", "fm")  # one network û(z_t, x, t), per-sample t ~ U(0, 1) (models/continuous.py)
@@ -109,7 +110,8 @@ class TrainConfig:
     with `embed_dim` = d for a learned one; `T` blocks; `eta`, the weight of the denoising loss
     (dt 0.1, ct 1.0); `max_alpha_bar` = ᾱ_T, the top of the cosine schedule.
     Updates: `mode` (MODES; see the module docstring) with `chunk_size` blocks per chunk when
-    chunked; `execution` (engine.EXECUTIONS: how a step's blocks run; `fit` applies it to the model);
+    chunked; `execution` (engine.EXECUTIONS: how a step's blocks run, backprop's: loop, bank or auto;
+    `fit` applies it to the model);
     `cuda_graph` (replay dt parallel or backprop steps as one CUDA graph); `precision` (PRECISIONS:
     fp32, tf32 on CUDA, or bf16 autocast) of every step and evaluation; `compile` (torch.compile the
     blocks of a step; dt and the backprop/cnn baselines, not with execution threads).
@@ -182,6 +184,8 @@ class TrainConfig:
         if not 0 < self.max_alpha_bar < 1:
             raise ValueError(f"max_alpha_bar must lie in (0, 1): it is ᾱ_T, the signal fraction of the last "
                              f"block's input; got {self.max_alpha_bar} (--max-alpha-bar on the command line)")
+        if self.method == "backprop" and why_not_backprop_execution(self.execution):
+            raise ValueError(why_not_backprop_execution(self.execution))
         if self.execution == "threads":
             engine.check_threads_device(self.device)
         reason = why_not_precision(self.precision, self.device, self.method) or \
