@@ -169,27 +169,32 @@ fi
 HAVE_PYTEST_BENCHMARK=0
 timeout 60 "$PYTHON" -c 'import pytest_benchmark' 2>/dev/null && HAVE_PYTEST_BENCHMARK=1
 if [[ $DRY == 0 ]]; then
-  # Most wanted first (a short budget skips the tail): the op roofline, training throughput and
-  # memory against backprop with the CUDA-graph step, the profile; then the rest.
+  # Most wanted first (a short budget skips the tail). The whole step in each precision at B = 1024,
+  # DT and backprop treated alike (same precision, CUDA-graph capture, and `auto` stacking: a block
+  # bank for both), with TFLOP/s and the share of the bf16 peak; the accuracy of the GPU run in bf16
+  # against fp32; the bf16 step's profile shares and operator calls; which bank convolution wins.
+  step bench-precision 150 "${NOPROP[@]}" bench --device cuda --batch 1024 --methods dt,backprop --modes parallel \
+    --precision fp32,tf32,bf16 --cuda-graph --repeats 2 --json "$OUT/bench_precision_b1024.json" \
+    --csv "$OUT/bench_precision_b1024.csv"
+  # The main job on the GPU: accuracy and wall time of DT (fp32, bf16) and backprop, each step replayed as a graph.
+  step train 100 env PYTHON="$PYTHON" bash bench/gpu_train.sh "$OUT"
+  step profile-bf16 60 "${NOPROP[@]}" profile --device cuda --steps 3 --precision bf16 --out "$OUT/profile_bf16"
+  # Which T-batched convolution the bank should run here (noprop.models.bank_layers): each choice in
+  # a run of its own against the per-step stacked vmap step (NOPROP_BANK_CONV is per process).
+  step bench-bank-conv 100 bash -c "rc=0; for c in grouped gemm; do echo \"== NOPROP_BANK_CONV=\$c\"; NOPROP_BANK_CONV=\$c ${NOPROP[*]} bench --device cuda --batch 1024 --methods dt --modes parallel --execution vmap,bank --precision fp32,bf16 --cuda-graph --repeats 2 --json '$OUT/bench_bank_conv_'\$c.json || { echo \"conv \$c failed\"; rc=1; }; done; exit \$rc"
+  # B = 128 and B = 4096 beside B = 1024, in fp32 and bf16, like for like.
+  step bench-b128-precision 90 "${NOPROP[@]}" bench --device cuda --batch 128 --methods dt,backprop --modes parallel \
+    --precision fp32,bf16 --cuda-graph --repeats 2 --json "$OUT/bench_precision_b128.json" \
+    --csv "$OUT/bench_precision_b128.csv"
+  step bench-b4096 120 "${NOPROP[@]}" bench --device cuda --batch 4096 --methods dt,backprop --modes parallel \
+    --precision fp32,bf16 --cuda-graph --repeats 2 --json "$OUT/bench_b4096.json" --csv "$OUT/bench_b4096.csv"
+  # Then the rest: the op roofline, every mode and execution in fp32, the fp32 profile, the op backends.
   step bench-ops 90 "$PYTHON" bench/bench_ops.py "$OUT/ops_fp32"
   step bench-b1024 120 "${NOPROP[@]}" bench --device cuda --batch 1024 --execution loop,vmap,bank --cuda-graph --repeats "$REPEATS" \
     --json "$OUT/bench_b1024.json" --csv "$OUT/bench_b1024.csv"
   step bench-b128 150 "${NOPROP[@]}" bench --device cuda --batch 128 --chunk-size 5 --execution loop,vmap,bank --cuda-graph --repeats "$REPEATS" \
     --json "$OUT/bench_b128.json" --csv "$OUT/bench_b128.csv"
   step profile 60 "${NOPROP[@]}" profile --device cuda --steps 3 --nvtx --out "$OUT/profile"
-  # The whole step in each precision, DT and backprop treated alike (same precision, graph capture),
-  # at B = 1024 and 4096; the bf16 profile gives the step's shares and operator calls after the change.
-  step bench-precision 150 "${NOPROP[@]}" bench --device cuda --batch 1024 --methods dt,backprop --modes parallel \
-    --precision fp32,tf32,bf16 --cuda-graph --repeats 2 --json "$OUT/bench_precision_b1024.json" \
-    --csv "$OUT/bench_precision_b1024.csv"
-  step bench-b4096 120 "${NOPROP[@]}" bench --device cuda --batch 4096 --methods dt,backprop --modes parallel \
-    --precision fp32,bf16 --cuda-graph --repeats 2 --json "$OUT/bench_b4096.json" --csv "$OUT/bench_b4096.csv"
-  step profile-bf16 60 "${NOPROP[@]}" profile --device cuda --steps 3 --precision bf16 --out "$OUT/profile_bf16"
-  # Which T-batched convolution the bank should run here (noprop.models.bank_layers): each choice in
-  # a run of its own against the per-step stacked vmap step (NOPROP_BANK_CONV is per process).
-  step bench-bank-conv 100 bash -c "rc=0; for c in grouped gemm; do echo \"== NOPROP_BANK_CONV=\$c\"; NOPROP_BANK_CONV=\$c ${NOPROP[*]} bench --device cuda --batch 1024 --methods dt --modes parallel --execution vmap,bank --cuda-graph --repeats 2 --json '$OUT/bench_bank_conv_'\$c.json || { echo \"conv \$c failed\"; rc=1; }; done; exit \$rc"
-  # The main job on the GPU: accuracy and wall time of DT and backprop, each step replayed as a graph.
-  step train 100 env PYTHON="$PYTHON" bash bench/gpu_train.sh "$OUT"
   # The same DT step with each op backend (end-to-end effect of the fused kernels).
   step bench-backends 100 bash -c "rc=0; for b in eager triton cuda; do echo \"== NOPROP_BACKEND=\$b\"; NOPROP_BACKEND=\$b ${NOPROP[*]} bench --device cuda --batch 1024 --methods dt,backprop --modes parallel,lean --repeats 2 --json '$OUT/bench_backend_'\$b.json || { echo \"backend \$b failed\"; rc=1; }; done; exit \$rc"
   step bench-ops-bf16 60 "$PYTHON" bench/bench_ops.py "$OUT/ops_bf16" --dtype bfloat16
@@ -216,7 +221,7 @@ fi
 
 # 4. plots and the summary -----------------------------------------------------------------------
 shopt -s nullglob
-jsons=("$OUT"/bench_b[0-9]*.json "$OUT"/bench_backend_*.json)
+jsons=("$OUT"/bench_b[0-9]*.json "$OUT"/bench_precision_*.json "$OUT"/bench_backend_*.json)
 if (( ${#jsons[@]} )); then
   step plots 40 --final "$PYTHON" bench/plots.py "${jsons[@]}" --out "$OUT"
 else
@@ -233,13 +238,16 @@ for path in sorted(out.glob("bench_*.json")):
         print(f"{path.name}: unreadable ({exc})"); continue
     r0 = recs[0] if recs else {}
     print(f"\n{path.name}: {r0.get('device_name')} batch {r0.get('batch')} T {r0.get('T')} backend {r0.get('backend')}")
-    print(f"  {'config':<22}{'ms/step':>9}{'samples/s':>11}{'x bp':>7}{'peak MB':>9}{'saved MB':>9}")
+    print(f"  {'config':<32}{'ms/step':>9}{'samples/s':>11}{'TFLOP/s':>9}{'%peak':>7}{'x bp':>7}{'peak MB':>9}"
+          f"{'saved MB':>9}  unlike")
     for r in recs:
         if not r.get("ms_per_step"):
-            print(f"  {r.get('label', r.get('method')):<22} error: {r.get('error')}"); continue
+            print(f"  {r.get('label', r.get('method')):<32} error: {r.get('error')}"); continue
         ratio = f"{r['ratio_to_backprop']:.2f}" if r.get("ratio_to_backprop") else "-"
-        print(f"  {r['label']:<22}{r['ms_per_step']:>9.2f}{r['samples_per_s']:>11.0f}{ratio:>7}"
-              f"{r['peak_mem_mb']:>9.0f}{(r.get('saved_mb') or 0):>9.1f}")
+        tflops = f"{r['tflops']:.1f}" if r.get("tflops") else "-"
+        pct = f"{r['pct_of_bf16_peak']:.1f}" if r.get("pct_of_bf16_peak") else "-"
+        print(f"  {r['label']:<32}{r['ms_per_step']:>9.2f}{r['samples_per_s']:>11.0f}{tflops:>9}{pct:>7}{ratio:>7}"
+              f"{r['peak_mem_mb']:>9.0f}{(r.get('saved_mb') or 0):>9.1f}  {r.get('ratio_unlike') or ''}")
 for path in sorted(out.glob("train_*.jsonl")):
     recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if recs:

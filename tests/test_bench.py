@@ -206,3 +206,37 @@ def test_modes_accept_trains_all_blocks_name_for_parallel(capsys):
     assert modes == ["parallel", "lean"]  # one name for one update, measured once
     assert main(["bench", "--quick", "--modes", "everything"]) == 2
     assert "all-blocks = parallel" in capsys.readouterr().err
+
+
+def test_flop_per_step_counts_the_dt_blocks_arithmetic():
+    """The step's matmul and convolution operations against the DT block's layer shapes worked out by
+    hand: per sample and block, forward 2·(multiply-adds); backward twice that, less the first
+    convolution's input gradient (images need none). ~549 MFLOP per sample for 10 blocks on MNIST."""
+    from noprop.bench.measure import flop_per_step
+
+    B, T = 3, 2
+    case = bench.Case("dt", "parallel", "loop")
+    model, cfg, step = bench.step_factory(case, "mnist5k", B, T, 2, torch.device("cpu"))
+    convs = [(26 * 26, 32, 1 * 9), (11 * 11, 64, 32 * 9), (9 * 9, 128, 64 * 9)]  # (pixels out, O, C*k*k)
+    linears = [(2048, 256), (10, 256), (256, 256), (256, 256), (512, 256), (256, 128), (128, 10)]
+    fwd = sum(2 * p * o * k for p, o, k in convs) + sum(2 * i * o for i, o in linears)
+    first_conv_input_grad = 2 * 26 * 26 * 32 * 9
+    first_label_input_grad = 2 * 10 * 256  # z needs no gradient either
+    per_block_sample = 3 * fwd - first_conv_input_grad - first_label_input_grad
+    expected = B * T * per_block_sample
+    got = flop_per_step(step)
+    assert abs(got - expected) / expected < 0.005, (got, expected)
+    assert 548e6 < 10 * per_block_sample < 550e6
+
+
+def test_tflops_and_share_of_peak_borrow_the_eager_count():
+    recs = [{"label": "dt parallel", "method": "dt", "mode": "parallel", "ms_per_step": 10.0, "flop_per_step": 2e12,
+             "device": "cuda", "device_name": "NVIDIA H100 80GB HBM3"},
+            {"label": "dt parallel+graph", "method": "dt", "mode": "parallel", "ms_per_step": 5.0,
+             "flop_per_step": None, "device": "cuda", "device_name": "NVIDIA H100 80GB HBM3"},
+            {"label": "backprop", "method": "backprop", "mode": "end-to-end", "ms_per_step": 5.0, "device": "cpu",
+             "device_name": "AMD EPYC", "flop_per_step": 1e9}]
+    bench.add_flops(recs)
+    assert recs[0]["tflops"] == pytest.approx(200.0) and recs[1]["tflops"] == pytest.approx(400.0)
+    assert recs[1]["pct_of_bf16_peak"] == pytest.approx(100 * 400 / 989.4)
+    assert recs[2]["tflops"] == pytest.approx(0.2) and recs[2]["pct_of_bf16_peak"] is None

@@ -37,8 +37,8 @@ the median.
 from noprop.bench.cli import add_args, main, main_args, options, run
 from noprop.bench.measure import SavedTensorMeter, measure, step_factory
 from noprop.bench.plan import BASELINES, DT_MODES, EXECUTIONS, Case, plan
-from noprop.bench.report import add_ratios, environment, execution_verdict, summarise, table, write_outputs
+from noprop.bench.report import add_flops, add_ratios, environment, execution_verdict, summarise, table, write_outputs
 
-__all__ = ["BASELINES", "Case", "DT_MODES", "EXECUTIONS", "SavedTensorMeter", "add_args", "add_ratios",
+__all__ = ["BASELINES", "Case", "DT_MODES", "EXECUTIONS", "SavedTensorMeter", "add_args", "add_flops", "add_ratios",
            "environment", "execution_verdict", "main", "main_args", "measure", "options", "plan", "run",
            "step_factory", "summarise", "table", "write_outputs"]

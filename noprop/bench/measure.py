@@ -150,6 +150,18 @@ def step_factory(case: Case, data: str, batch: int, T: int, chunk_size: int, dev
     return model, cfg, step
 
 
+def flop_per_step(step) -> int:
+    """Floating-point operations of one `step()` (forward, backward, optimizer), as torch's
+    FlopCounterMode counts them: matmuls and convolutions (2 per multiply-add); elementwise work and
+    the fused NoProp ops count 0. The same arithmetic for every execution, precision and capture of a
+    method and mode (block threads see the mode and run the step's blocks in a loop)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return int(counter.get_total_flops())
+
+
 def measure(case: Case, opts: dict, saved: bool = True) -> dict:
     """Warmup + `steps` timed steps of `case`: ms per step, peak memory, and (saved=True) the peak
     saved-for-backward bytes of one more step."""
@@ -177,6 +189,8 @@ def measure(case: Case, opts: dict, saved: bool = True) -> dict:
         with meter.hooks():
             step()
         out["saved_mb"] = meter.peak / 2**20
+    if not case.graph and not case.compile:  # neither a replay nor a compiled graph shows its ops to the counter
+        out["flop_per_step"] = flop_per_step(step)
     if is_dt:
         k = blocks_per_step(case.mode, model.T, cfg.chunk_size)
         out["execution_used"] = model.resolve_execution(range(1, max(1, min(k, model.T)) + 1), device)

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 CSV_COLUMNS = ("method", "mode", "execution", "execution_used", "cuda_graph", "precision", "compile", "device",
                "device_name", "batch", "T", "chunk_size", "threads", "steps", "repeats", "ms_per_step", "ms_min",
                "ms_max", "ms_q25", "ms_q75", "ms_all", "samples_per_s", "samples_per_s_min", "samples_per_s_max",
-               "ms_per_block_update", "ratio_to_backprop", "ratio_base", "ratio_unlike", "mem_ratio_to_backprop",
+               "ms_per_block_update", "flop_per_step", "tflops", "pct_of_bf16_peak", "ratio_to_backprop", "ratio_base", "ratio_unlike", "mem_ratio_to_backprop",
                "saved_ratio_to_backprop", "peak_mem_mb",
                "peak_mem_kind", "rss_base_mb", "reserved_mem_mb", "nvml_mem_mb", "saved_mb", "equal_work", "isolated", "torch",
                "cuda", "triton", "backend", "data", "loadavg_1min", "commit", "dirty", "timestamp", "error")
@@ -72,6 +72,32 @@ def environment(device: torch.device, threads: int) -> dict:
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+# Dense (not sparse) bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, by a part of the
+# device name; the first match wins, so more specific names come first.
+BF16_DENSE_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4),
+                          ("A100", 312.0))
+
+
+def bf16_dense_peak_tflops(name: str) -> float | None:
+    """The bf16 dense peak of a GPU named `name` (torch.cuda.get_device_name), None if not listed."""
+    return next((peak for part, peak in BF16_DENSE_PEAK_TFLOPS if part in (name or "")), None)
+
+
+def add_flops(records: list[dict]) -> None:
+    """TFLOP/s and the share of the device's bf16 dense peak for each record. The operations of a step
+    are counted in the eager, uncompiled cases; a graph or compiled case of the same method and mode
+    does the same arithmetic and borrows their count."""
+    counted = {(r["method"], r["mode"]): r["flop_per_step"] for r in records if r.get("flop_per_step")}
+    for rec in records:
+        flop = rec.get("flop_per_step") or counted.get((rec["method"], rec["mode"]))
+        rec["flop_per_step"] = flop
+        rec["tflops"] = rec["pct_of_bf16_peak"] = None
+        if flop and rec.get("ms_per_step"):
+            rec["tflops"] = flop / (rec["ms_per_step"] * 1e-3) / 1e12
+            peak = bf16_dense_peak_tflops(rec.get("device_name")) if rec.get("device") == "cuda" else None
+            rec["pct_of_bf16_peak"] = 100 * rec["tflops"] / peak if peak else None
+
+
 def _quantiles(values):
     if len(values) < 2:
         return values[0], values[0]
@@ -94,6 +120,7 @@ def summarise(case: Case, runs: list[dict], opts: dict, env: dict) -> dict:
     q25, q75 = _quantiles(ms)
     med = statistics.median(ms)
     saved = [r["saved_mb"] for r in ok if "saved_mb" in r]
+    flops = [r["flop_per_step"] for r in ok if r.get("flop_per_step")]
     nvml = [r["nvml_mem_mb"] for r in ok if r.get("nvml_mem_mb") is not None]
     reserved = [r["reserved_mem_mb"] for r in ok if r.get("reserved_mem_mb") is not None]
     rec.update(ms_per_step=med, ms_min=min(ms), ms_max=max(ms), ms_q25=q25, ms_q75=q75, ms_all=ms,
@@ -103,7 +130,8 @@ def summarise(case: Case, runs: list[dict], opts: dict, env: dict) -> dict:
                peak_mem_mb=max(r["peak_mem_mb"] for r in ok), peak_mem_kind=ok[0]["peak_mem_kind"],
                rss_base_mb=min(r["rss_base_mb"] for r in ok), nvml_mem_mb=max(nvml) if nvml else None,
                reserved_mem_mb=max(reserved) if reserved else None,
-               saved_mb=saved[0] if saved else None, execution_used=ok[0]["execution_used"])
+               saved_mb=saved[0] if saved else None, execution_used=ok[0]["execution_used"],
+               flop_per_step=flops[0] if flops else None)
     if len(ok) < len(runs):
         rec["error"] = f"{len(runs) - len(ok)} of {len(runs)} repeats failed: {next(r for r in runs if 'error' in r)['error']}"
     return rec
@@ -181,12 +209,15 @@ def records_so_far(cases, per_round: dict, opts: dict, env: dict) -> list[dict]:
     """Summaries of the cases measured so far (at least one round), with their ratios to backprop."""
     records = [summarise(c, per_round[c.label], opts, env) for c in cases if per_round[c.label]]
     add_ratios(records, per_round)
+    add_flops(records)
     return records
 
 
 def table(records: list[dict]) -> str:
     width = max([22] + [len(r["label"]) + 1 for r in records])
-    head = f"{'config':<{width}}{'ms/step':>10}{'[min-max]':>18}{'samples/s':>11}{'x backprop':>11}" \
+    peaks = any(r.get("pct_of_bf16_peak") for r in records)
+    head = f"{'config':<{width}}{'ms/step':>10}{'[min-max]':>18}{'samples/s':>11}{'TFLOP/s':>9}" \
+           f"{'% bf16 peak' if peaks else '':>{12 if peaks else 0}}{'x backprop':>11}" \
            f"{'peak MB':>9}{'saved MB':>10}{'x bp saved':>11}"
     lines = [head, "-" * len(head)]
     for r in records:
@@ -198,9 +229,14 @@ def table(records: list[dict]) -> str:
         saved = f"{r['saved_mb']:.1f}" if r.get("saved_mb") is not None else "-"
         spread = f"[{r['ms_min']:.0f}-{r['ms_max']:.0f}]"
         unlike = f"  (unlike: {r['ratio_unlike']}, against {r['ratio_base']})" if r.get("ratio_unlike") else ""
+        tflops = f"{r['tflops']:.3g}" if r.get("tflops") else "-"
+        pct = (f"{r['pct_of_bf16_peak']:.1f}" if r.get("pct_of_bf16_peak") else "-") if peaks else ""
         lines.append(f"{r['label']:<{width}}{r['ms_per_step']:>10.1f}{spread:>18}"
-                     f"{r['samples_per_s']:>11.1f}{ratio:>11}{r['peak_mem_mb']:>9.0f}{saved:>10}{sratio:>11}{unlike}")
+                     f"{r['samples_per_s']:>11.1f}{tflops:>9}{pct:>{12 if peaks else 0}}{ratio:>11}"
+                     f"{r['peak_mem_mb']:>9.0f}{saved:>10}{sratio:>11}{unlike}")
     graph_bases = any((r.get("ratio_base") or "").startswith("backprop+graph") for r in records)
+    lines.append("TFLOP/s: matmul and convolution operations of a step (torch's FlopCounterMode) per second"
+                 + ("; % bf16 peak: of the GPU's dense bf16 tensor-core peak" if peaks else ""))
     lines.append("x backprop: against the backprop row of the same precision, compile, capture and stacking"
                  + ("; +graph rows against backprop+graph, replay against replay" if graph_bases else "")
                  + ("; (unlike: ...) marks a row without one (a backprop row: what its setting does for backprop)"
