@@ -10,7 +10,9 @@ Per mode:
                              iterations (block t = 1..T, each on its own minibatch): T block updates
                              per B samples, like the others. It also pays T optimizer steps of the
                              shared head and T noise/CE/KL evaluations; ms_per_block_update = ms/T.
-  backprop                   the paper's same-architecture baseline (docs/method.md §9), end to end.
+  backprop                   the paper's same-architecture baseline (docs/method.md §9), end to end;
+                             "backprop (bank)": its T image branches stacked in a block bank, the
+                             partner of the stacked DT rows (vmap, bank), like for like.
   cnn                        the strongest fair accuracy reference: ONE block's image branch + a
                              linear classifier. Not equal work (about 1/T of it); shown for scale.
   parallel+graph             (--cuda-graph, CUDA only) the parallel step captured once as a CUDA
@@ -28,6 +30,11 @@ its ru_maxrss is its own (rss_base_mb = the RSS before the model was built). Eve
 the peak bytes of tensors saved for backward that are alive at once during one step
 (saved_tensors_hooks; parameters excluded, storages counted once) — deterministic and device-
 independent, it shows lean < chunked < parallel.
+
+Arithmetic. flop_per_step: the matmul and convolution operations of one eager step as torch's
+FlopCounterMode counts them (~549 MFLOP per sample for T = 10 DT blocks on MNIST); TFLOP/s follows
+from the median time, and on a GPU listed in report.BF16_DENSE_PEAK_TFLOPS its share of the dense
+bf16 peak.
 
 Timing: `repeats` rounds; in each round every config runs warmup steps then `steps` timed steps
 (configs interleaved, so a slow spell on a shared machine hits all of them). Reported: medians over

@@ -72,7 +72,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--execution", default="auto",
                    help="how DT blocks run, comma-separated to compare: auto (the engine's per-device pick), loop, "
                         "vmap, threads (CPU, needs --threads >= 2), bank (stacked parameters; its convolutions: "
-                        "NOPROP_BANK_CONV); both = loop,vmap; all = every one the device runs")
+                        "NOPROP_BANK_CONV); both = loop,vmap; all = every one the device runs. backprop runs "
+                        "the partner of each: its image branches in a bank for stacked ones (vmap, bank), loop "
+                        "for the others")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads, recorded with the results (1 steadies timings on a busy shared machine but "
                         "leaves the CPU's block threads nothing to share out) (default: %(default)s = torch's own, "
