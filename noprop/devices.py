@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from noprop.options import check_minimum
+
 
 def usable_device(spec, flag: str = "--device") -> torch.device:
     """torch.device(spec) if this machine can run on it, else ValueError saying why.
@@ -31,10 +33,15 @@ def usable_device(spec, flag: str = "--device") -> torch.device:
                      f"offers no {device.type} device; use --device cpu")
 
 
+def check_threads(threads: int | None, flag: str = "--threads") -> None:
+    """ValueError unless `threads` is None (torch's own count) or >= 1: the one check of --threads for
+    every command (set_threads, and bench, which sets the count later, in each case's process)."""
+    if threads is not None:
+        check_minimum(flag, threads, 1)
+
+
 def set_threads(threads: int | None, flag: str = "--threads") -> None:
-    """torch.set_num_threads(threads) after checking it is >= 1; None keeps torch's own count."""
-    if threads is None:
-        return
-    if threads < 1:
-        raise ValueError(f"{flag} must be >= 1, got {threads}")
-    torch.set_num_threads(threads)
+    """torch.set_num_threads(threads) after check_threads; None keeps torch's own count."""
+    check_threads(threads, flag)
+    if threads is not None:
+        torch.set_num_threads(threads)

@@ -91,7 +91,7 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert main(["train", *TINY, "--epochs", "0"]) == 2
     assert "epochs must be >= 1" in capsys.readouterr().err
     assert main(["train", *TINY, "--threads", "0"]) == 2
-    assert "--threads must be >= 1" in capsys.readouterr().err
+    assert "--threads must be a number >= 1, got 0" in capsys.readouterr().err
     assert main(["train", *TINY, "--execution", "threads", "--device", "cuda"]) == 2
     assert "runs blocks on CPU threads" in capsys.readouterr().err
 

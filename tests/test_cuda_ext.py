@@ -283,6 +283,48 @@ def test_noise_inject_backward_dW_is_full_float32_whatever_the_matmul_precision(
         assert torch.equal(a, b)
 
 
+# local_loss's dW = qᵀ · gr (ordered_sum.cu): per-chunk FMA chains over the rows in order, then the
+# chunks in order, never a GEMM or atomics. (11, 4096, 10, 784): 164 chunks of 275 rows;
+# (3, 300, 100, 4099): 129 column tiles, 4 class tiles; (2, 999, 37, 5): 5-column tiles with all 37
+# classes in one; (2, 500, 300, 10): 5 class tiles of 60 (small d takes up to 64 classes per block).
+LOCAL_LOSS_DW_SHAPES = [(11, 4096, 10, 784), (3, 300, 100, 4099), (2, 999, 37, 5), (2, 500, 300, 10)]
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("K,B,m,d", LOCAL_LOSS_DW_SHAPES)
+def test_local_loss_backward_is_bitwise_deterministic_and_meets_the_rule(gpu, dtype, K, B, m, d):
+    x, r, _ = _case(K, B, m, d, dtype, (B + m) % 2 == 1, gpu)
+    args = lambda t: (t["logits"], t["W"], t["y"], t["weight"])  # noqa: E731
+    first = cuda_ext.local_loss_backward(x["gl"], *args(x))
+    for _ in range(4):
+        again = cuda_ext.local_loss_backward(x["gl"], *args(x))
+        for name, a, b in zip(("dlogits", "dW", "dweight"), first, again):
+            assert torch.equal(a, b), f"{name} differs between two calls on the same inputs"
+    same = eager.local_loss_backward(x["gl"], *args(x))
+    ref = eager.local_loss_backward(r["gl"], *args(r))
+    for name, g_, s_, r_ in zip(("dlogits", "dW", "dweight"), first, same, ref):
+        assert_error_rule(g_, s_, r_, name, who="cuda")
+
+
+@pytest.mark.parametrize("softmax", (False, True), ids=["identity", "softmax"])
+@pytest.mark.parametrize("K,B,m,d", [(11, 4096, 10, 784), (3, 300, 100, 4099)])
+def test_local_loss_backward_dW_is_full_float32_whatever_the_matmul_precision(gpu, softmax, K, B, m, d):
+    # "high" lets float32 matmuls run in TF32 (10-bit mantissas): a cuBLAS dW changed with it.
+    x, _, _ = _case(K, B, m, d, torch.float32, False, gpu)
+    args = (x["gl"], x["logits"], x["W"], x["y"], x["weight"], x["gz"][0], softmax)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        full = cuda_ext.local_loss_backward(*args)
+        torch.set_float32_matmul_precision("high")
+        tf32_allowed = cuda_ext.local_loss_backward(*args)
+        tf32_again = cuda_ext.local_loss_backward(*args)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    for name, a, b, c in zip(("dlogits", "dW", "dweight"), full, tf32_allowed, tf32_again):
+        assert torch.equal(a, b) and torch.equal(b, c), name
+
+
 # d % 4 != 0 (a masked tail quad per row: 1, 5, 10, 261) and d % 4 == 0 (the 4-wide vector path).
 # The forward gives each thread a run of blocks k; (10, 170, 784) has B·Q = 33,320 threads' worth of
 # quads, so K = 10 is split into runs of 3, 3, 3 and 1 (noise_inject.cu, k_per_thread_for).

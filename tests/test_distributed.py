@@ -26,7 +26,8 @@ import torch
 
 from noprop import cli
 from noprop.checkpoint import CheckpointError
-from noprop.training import Optimizers, build_model, fit, forward_backward, train_step
+from noprop.data import fingerprint, load
+from noprop.training import Optimizers, build_model, fit, fit_distributed, forward_backward, train_step
 from noprop.training import dist_checkpoint, loop
 from tests import dist_worker as worker
 from tests.dist_helper import REPO, describe, launch
@@ -218,6 +219,25 @@ def test_saved_on_two_ranks_resumed_on_four_and_on_one_continues_the_run(world2,
         assert torch.equal(v, ref_state[k]), k
 
 
+def test_a_folder_records_the_data_and_refuses_a_resume_on_other_data_as_a_file_does(tmp_path):
+    # one process, no process group: fit_distributed writes the folder's noprop.json as rank 0 does
+    quiet = dict(progress=False, log=lambda *a: None)
+    folder, file, other = tmp_path / "run.dcp", tmp_path / "run.pt", worker.data(train_size=64)
+    fit_distributed(worker.config(), worker.data(), folder, **quiet)
+    assert json.loads((folder / "noprop.json").read_text())["data"]["fingerprint"] == fingerprint(worker.data())
+    with pytest.raises(CheckpointError) as refused_folder:
+        fit(worker.config(epochs=2), other, folder, resume=True, **quiet)  # hands the folder to fit_distributed
+    assert json.loads((folder / "noprop.json").read_text())["epoch"] == 1  # nothing trained on the other data
+    loop.fit(worker.config(), worker.data(), file, **quiet)
+    with pytest.raises(CheckpointError) as refused_file:
+        loop.fit(worker.config(epochs=2), other, file, resume=True, **quiet)
+    said = str(refused_folder.value)
+    assert f"{folder} was trained on other data" in said
+    assert said.replace(str(folder), "PATH") == str(refused_file.value).replace(str(file), "PATH")  # one wording
+    _, history = fit(worker.config(epochs=2), worker.data(), folder, resume=True, **quiet)  # the same data resumes
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
 def test_a_killed_rank_stops_the_survivors_with_its_name(tmp_path):
     start = time.monotonic()
     ranks = launch(3, WORKER + ["kill", str(tmp_path), "3"], timeout=120)
@@ -247,6 +267,16 @@ def test_cli_trains_under_torchrun_env_and_eval_reads_the_folder(tmp_path, capsy
     store = _torchrun_env(monkeypatch)  # noqa: F841
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     args[args.index("--epochs") + 1] = "2"
+    # ... but not on other data: the two ranks recorded the data's fingerprint, which a resume checks
+    meta_path = folder / "noprop.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["data"]["fingerprint"] == fingerprint(load(meta["config"]["data"], None, meta["config"]["seed"]))
+    real = meta_path.read_text()
+    meta_path.write_text(json.dumps({**meta, "data": {**meta["data"], "fingerprint": "0123456789abcdef"}}))
+    assert cli.main(args) == 2  # as if written on other images
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{folder} was trained on other data" in err, err
+    meta_path.write_text(real)
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "resuming after a restart" in out and "after epoch 1 (written by {'W': 2, 'dp': 1}" in out, out

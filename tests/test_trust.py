@@ -45,6 +45,23 @@ def test_bench_and_profile_refuse_what_train_refuses(capsys, argv, says):
     assert rc == 2 and says in err
 
 
+@pytest.mark.parametrize("threads", ["0", "-3"])
+def test_every_command_refuses_a_bad_thread_count_in_the_same_line(tmp_path, capsys, threads):
+    # one rule, one sentence: noprop.devices.check_threads checks --threads for every command
+    argvs = {"train": ["train", *TINY, "--checkpoint", str(tmp_path / "c.pt")],
+             "eval": ["eval", str(tmp_path / "missing.pt")],
+             "bench": ["bench", "--quick"], "profile": ["profile"]}
+    lines = {}
+    for command, argv in argvs.items():
+        rc, out, err = run(capsys, *argv, "--threads", threads)
+        assert rc == 2 and out == "" and err.count("\n") == 1, (command, err)
+        prefix = f"noprop {command}: error: "
+        assert err.startswith(prefix), err
+        lines[command] = err[len(prefix):]
+    assert set(lines.values()) == {f"--threads must be a number >= 1, got {threads}\n"}, lines
+    assert not (tmp_path / "c.pt").exists()
+
+
 def test_a_run_whose_parameters_diverge_fails_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     """With one update per epoch a huge learning rate leaves NaN weights but a finite loss: the loss
     check alone let such a run report success."""

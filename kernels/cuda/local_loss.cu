@@ -13,10 +13,12 @@
 // itself is amplified (on an H100, 4x the error of eager's own float32 at m = 100); around the pivot
 // p_a never enters, and the error drops below eager's (tests/test_cuda_ext.py's float64 rule).
 // The forward reduces rows to loss[k] with a deterministic ATen mean. The backward writes dlogits
-// directly and, for dW = Σ_rows (p − onehot(y))ᵀ · (coef · r), two float32 scratch matrices that one
-// cuBLAS GEMM contracts (deterministic, no atomics on the tiny [m, d] output).
+// directly and, for dW = Σ_rows (p − onehot(y))ᵀ · (coef · r), two float32 scratch matrices q and gr
+// that matmul_tn_in_fixed_order (ordered_sum.cu) contracts in a fixed order: float32 FMAs, no
+// atomics and no GEMM (a cuBLAS GEMM follows torch's float32 matmul precision: TF32 under "high").
 #include "common.cuh"
 #include "ops.h"
+#include "ordered_sum.cuh"
 
 namespace noprop_cuda {
 namespace {
@@ -445,9 +447,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_loss_backward(const at::Ten
         gr.data_ptr<float>(), dweight_rows.data_ptr<float>(), in.K, in.B, in.m, in.d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  at::Tensor dW = at::mm(q.t(), gr);  // [m, d], on the current stream
+  at::Tensor dW = at::empty({in.m, in.d}, W.options());
+  matmul_tn_in_fixed_order(q, gr, dW, stream);  // [m, d] = qᵀ · gr
   at::Tensor dweight = weight.dim() == 1 ? dweight_rows.sum(1) : dweight_rows;
-  return {dlogits, dW.to(W.scalar_type()), dweight.to(weight.scalar_type())};
+  return {dlogits, dW, dweight.to(weight.scalar_type())};
 }
 
 }  // namespace noprop_cuda

@@ -11,6 +11,7 @@
 // no GEMM, so torch's TF32 matmul setting cannot touch it).
 #include "common.cuh"
 #include "ops.h"
+#include "ordered_sum.cuh"
 
 #include <algorithm>
 
@@ -137,9 +138,6 @@ constexpr int kMaxClassTile = 32;
 // threads), so the last wave's tail is short. Not read from the device: the summation order (and so
 // every bit of dW) depends on the shapes alone.
 constexpr int64_t kTargetBlocks = 4096;
-// The finishing kernel adds at most kMaxChunks / kFinishGroups partials per thread in sequence.
-constexpr int64_t kMaxChunks = 256;
-constexpr int kFinishGroups = kThreads / kWarp;
 
 // h = Σ_k s[k·s_step] · g[k·n] in increasing k (float32 FMAs). Four k at a time, their loads issued
 // before their FMAs: in a plain loop the compiler puts each FMA right after its two loads, and the
@@ -203,34 +201,6 @@ __global__ void __launch_bounds__(kThreads)
     float acc = 0.f;
     for (int r = 0; r < groups; ++r) acc += bins[(r * class_tile + c) * tile_cols + col];
     partial[(chunk * m + c0 + c) * d + static_cast<int64_t>(blockIdx.x) * tile_cols + col] = acc;
-  }
-}
-
-// dW[o] = Σ_chunk partial[chunk, o] (o = class·d + j over m·d) in a fixed order: warp w of a block
-// adds chunks w, w + 8, ... for 32 neighbouring outputs (coalesced), then warp 0 adds the 8 sums in
-// warp order and casts to W's dtype.
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    noise_inject_dW_finish_kernel(const float* __restrict__ partial, T* __restrict__ dW, int64_t chunks,
-                                  int64_t n_out) {
-  __shared__ float sums[kFinishGroups][kWarp];
-  const int lane = threadIdx.x % kWarp, w = threadIdx.x / kWarp;
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kWarp; base < n_out;
-       base += static_cast<int64_t>(gridDim.x) * kWarp) {  // the same trip count for the whole block
-    const int64_t o = base + lane;
-    float acc = 0.f;
-    if (o < n_out) {
-      for (int64_t c = w; c < chunks; c += kFinishGroups) acc += partial[c * n_out + o];
-    }
-    sums[w][lane] = acc;
-    __syncthreads();
-    if (w == 0 && o < n_out) {
-      float total = sums[0][lane];
-#pragma unroll
-      for (int r = 1; r < kFinishGroups; ++r) total += sums[r][lane];
-      dW[o] = from_f32<T>(total);
-    }
-    __syncthreads();
   }
 }
 
@@ -346,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> noise_inject_backward(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     NOPROP_DISPATCH_FLOAT(dW.scalar_type(), "noprop_cuda::noise_inject_backward", [&] {
-      noise_inject_dW_finish_kernel<scalar_t><<<grid_for(m * d, kWarp), kThreads, 0, stream>>>(
+      sum_chunks_kernel<scalar_t><<<grid_for(m * d, kWarp), kSumThreads, 0, stream>>>(
           partial.data_ptr<float>(), dW.data_ptr<scalar_t>(), plan.chunks, m * d);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -12,7 +12,7 @@ from noprop import engine
 from noprop.bench.measure import measure, run_isolated, worker
 from noprop.bench.plan import BASELINES, DT_MODES, EXECUTIONS, plan
 from noprop.bench.report import environment, execution_verdict, records_so_far, table, write_outputs
-from noprop.devices import usable_device
+from noprop.devices import check_threads, usable_device
 from noprop.options import check_ranges
 from noprop.training.config import PRECISIONS, canonical_mode, why_not_precision
 
@@ -107,8 +107,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def options(args) -> tuple[dict, list, list, list]:
-    check_ranges(args, {"batch": 1, "T": 1, "chunk_size": 1, "steps": 1, "warmup": 0, "repeats": 1, "threads": 1,
-                        "case_timeout": 1})
+    check_ranges(args, {"batch": 1, "T": 1, "chunk_size": 1, "steps": 1, "warmup": 0, "repeats": 1, "case_timeout": 1})
+    check_threads(args.threads)
     device = usable_device(args.device)
     if args.cuda_graph and device.type != "cuda":
         raise ValueError(f"--cuda-graph: CUDA graphs need a CUDA device, got --device {args.device}")
@@ -124,9 +124,6 @@ def options(args) -> tuple[dict, list, list, list]:
             "repeats": args.repeats, "threads": threads, "isolated": isolated, "data": args.data,
             "case_timeout": args.case_timeout, "cuda_graph": bool(args.cuda_graph),
             "precisions": _precisions(args.precision, device), "compile": bool(args.compile)}
-    for name in ("batch", "T", "chunk_size", "steps", "repeats", "threads"):
-        if opts[name] < 1:
-            raise ValueError(f"{name} must be >= 1, got {opts[name]}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     # train's "all-blocks" is another name for the parallel update; duplicates are measured once
     try:

@@ -20,7 +20,7 @@ import torch
 
 from noprop import checkpoint as ckpt
 from noprop.atomic import write_text_atomically
-from noprop.data import validate
+from noprop.data import fingerprint, validate
 from noprop.devices import usable_device
 from noprop.training import dist_checkpoint
 from noprop.training.build import apply_execution, build_model, check_model_matches
@@ -30,7 +30,7 @@ from noprop.training.distributed import (DEFAULT_TIMEOUT_S, WHY_NOT_GRAPH, WHY_N
                                           rank_device)
 from noprop.training import loop
 from noprop.training.loop import (_check_finite_parameters, _check_resumable, _train_epoch, check_not_overwriting,
-                                  evaluate, peak_memory_mb)
+                                  check_same_data, data_record, evaluate, peak_memory_mb)
 from noprop.training.step import Optimizers
 
 
@@ -70,22 +70,24 @@ def _quiet(*args, **kwargs) -> None:
     pass
 
 
-def _resume(model, opts: Optimizers, cfg: TrainConfig, checkpoint_path, layout, log) -> tuple[list, int]:
+def _resume(model, opts: Optimizers, cfg: TrainConfig, checkpoint_path, data_id: str, layout,
+            log) -> tuple[list, int]:
     """Load a checkpoint folder written on any world size: (history, last completed epoch)."""
     if not dist_checkpoint.is_distributed_checkpoint(checkpoint_path):
         raise ckpt.CheckpointError(f"--resume: no distributed checkpoint at {checkpoint_path} to resume from")
     meta = dist_checkpoint.read_meta(checkpoint_path)
     _check_resumable(meta, cfg, checkpoint_path)
+    check_same_data(meta, data_id, checkpoint_path)
     dist_checkpoint.load_training_state(checkpoint_path, model, opts)
     log(f"resumed from {checkpoint_path} after epoch {meta['epoch']} (written by {meta.get('world')}; "
         f"now {layout.world} process(es), dp {layout.dp})")
     return meta["history"], meta["epoch"]
 
 
-def _save(checkpoint_path, model, opts: Optimizers, cfg: TrainConfig, split, epoch: int, history: list, layout,
-          comm) -> None:
+def _save(checkpoint_path, model, opts: Optimizers, cfg: TrainConfig, split, data_id: str, epoch: int,
+          history: list, layout, comm) -> None:
     meta = {"config": asdict(cfg), "epoch": epoch, "history": history, "world": {"W": layout.world, "dp": layout.dp},
-            "data": {"name": split.name, "image_shape": list(split.image_shape), "num_classes": split.num_classes}}
+            "data": data_record(split, data_id)}
     dist_checkpoint.save(checkpoint_path, model, opts, layout, comm, meta)
 
 
@@ -107,6 +109,7 @@ def fit_distributed(cfg: TrainConfig, split, checkpoint_path=None, metrics_path=
     layout = make_layout(cfg.T, dp, device, timeout_s)
     comm = Comm(layout)
     check_same_setup(cfg, layout, comm, data_fingerprint(split))
+    data_id = fingerprint(split)  # recorded in the folder and checked on resume, as in loop.fit
     rank0 = layout.rank == 0
     torch.manual_seed(cfg.seed)  # every rank builds the same initial model as one process would
     if model is None:
@@ -118,7 +121,7 @@ def fit_distributed(cfg: TrainConfig, split, checkpoint_path=None, metrics_path=
     opts = Optimizers(model, cfg, blocks=layout.owned)
     history, start_epoch = [], 0
     if resume:
-        history, start_epoch = _resume(model, opts, cfg, checkpoint_path, layout, log if rank0 else _quiet)
+        history, start_epoch = _resume(model, opts, cfg, checkpoint_path, data_id, layout, log if rank0 else _quiet)
     if metrics_path and rank0:  # what the checkpoint holds, no more
         Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomically(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
@@ -148,7 +151,7 @@ def fit_distributed(cfg: TrainConfig, split, checkpoint_path=None, metrics_path=
                 f"{record['samples_per_s']:.0f} samples/s  peak mem {record['peak_mem_mb']:.0f} MB (rank 0)  "
                 f"elapsed {elapsed:.0f}s")
         if checkpoint_path:
-            _save(checkpoint_path, model, opts, cfg, split, epoch, history, layout, comm)
+            _save(checkpoint_path, model, opts, cfg, split, data_id, epoch, history, layout, comm)
         if rank0 and metrics_path:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")

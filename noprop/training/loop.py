@@ -103,6 +103,22 @@ def _check_resumable(state: dict, cfg: TrainConfig, path) -> None:
 RESUME_NEEDS = ("model", "optimizers", "epoch", "history", "rng")
 
 
+def data_record(split: Split, data_id: str) -> dict:
+    """What a checkpoint (file or folder) says about its training data; data_id = fingerprint(split)."""
+    return {"name": split.name, "image_shape": list(split.image_shape), "num_classes": split.num_classes,
+            "fingerprint": data_id}
+
+
+def check_same_data(saved: dict, data_id: str, path) -> None:
+    """--resume on other data than the checkpoint's (`saved`: its state or noprop.json, whose "data"
+    holds data_record's fingerprint) is refused: the run would continue on images it never saw."""
+    saved_id = (saved.get("data") or {}).get("fingerprint")
+    if saved_id is not None and saved_id != data_id:
+        raise ckpt.CheckpointError(f"--resume: {path} was trained on other data (fingerprint {saved_id}, "
+                                   f"now {data_id}); a resumed run must see the same images: pass the same "
+                                   "--data / --data-dir, or start a new run with another --checkpoint")
+
+
 def _resume(model, opts: Optimizers, cfg: TrainConfig, checkpoint_path, device, data_id: str,
             trusted: bool) -> tuple[list, int]:
     """Load an interrupted run's state into model and opts: (history, last completed epoch)."""
@@ -114,11 +130,7 @@ def _resume(model, opts: Optimizers, cfg: TrainConfig, checkpoint_path, device, 
     if missing:
         raise ckpt.CheckpointError(f"--resume: {checkpoint_path} lacks {', '.join(missing)}, without which the run "
                                    "cannot continue exactly as it would have; start a new run (--overwrite)")
-    saved_id = (state.get("data") or {}).get("fingerprint")
-    if saved_id is not None and saved_id != data_id:
-        raise ckpt.CheckpointError(f"--resume: {checkpoint_path} was trained on other data (fingerprint {saved_id}, "
-                                   f"now {data_id}); a resumed run must see the same images: pass the same "
-                                   "--data / --data-dir, or start a new run with another --checkpoint")
+    check_same_data(state, data_id, checkpoint_path)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:  # same config, other model: fit(model=...) with other blocks
@@ -250,8 +262,7 @@ def fit(cfg: TrainConfig, split: Split, checkpoint_path=None, metrics_path=None,
         if checkpoint_path:
             ckpt.save({"config": asdict(cfg), "model": model.state_dict(), "optimizers": opts.state_dict(),
                        "epoch": epoch, "history": history, "rng": torch.get_rng_state(),
-                       "data": {"name": split.name, "image_shape": list(split.image_shape),
-                                "num_classes": split.num_classes, "fingerprint": data_id}}, checkpoint_path)
+                       "data": data_record(split, data_id)}, checkpoint_path)
         if metrics_path:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
