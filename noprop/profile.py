@@ -5,6 +5,12 @@ optimizer); `--nvtx` also emits them as NVTX ranges for Nsight Systems.
 Output: a Chrome trace (DIR/trace.json, open in chrome://tracing or ui.perfetto.dev), a per-op table
 (time and memory, key_averages with profile_memory=True) and a per-stage table on stdout.
 
+Time by kind: each operator's self time (device time on a GPU: the kernels it launched itself, not
+through other operators; CPU time on a CPU), summed per kind (`KINDS`: convolutions, matmuls, the
+fused NoProp ops, the optimizer, copies, other aten work such as elementwise, normalisation and
+pooling, and the rest: autograd and Python between operators). Self times add up without counting
+anything twice, so the shares are of the profiled steps' operator time.
+
 Operator calls per training step: a device-independent figure of a step's overhead (each call is a
 dispatch and, on a GPU, at least one launch). One more step after the profiled ones runs under
 `OperatorCount`, a TorchDispatchMode that sees every operator the step dispatches: the forward,
@@ -66,6 +72,43 @@ def _stage_table(events) -> str:
         if cuda:
             line += f"{e.device_time_total / 1e3:>15.2f}"
         lines.append(line)
+    return "\n".join(lines)
+
+
+# (kind, test on an operator's name): the first that matches names the kind; convolution first, so a
+# noprop convolution kernel counts as a convolution rather than as one of the fused NoProp ops.
+_MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear", "aten::_scaled_mm")
+_COPIES = ("aten::copy_", "aten::cat", "aten::stack", "aten::clone", "aten::contiguous", "aten::_to_copy",
+           "aten::unbind", "aten::index_select")
+KINDS = (
+    ("convolutions", lambda n: "conv" in n or n in ("aten::im2col", "aten::col2im")),
+    ("matmuls (Linear, bmm)", lambda n: n in _MATMULS),
+    ("NoProp fused ops", lambda n: n.startswith("noprop::")),
+    ("optimizer", lambda n: "adam" in n.lower() or n.startswith("aten::_foreach") or n.startswith("Optimizer.")),
+    ("copies and stacking", lambda n: n in _COPIES),
+    ("other aten (elementwise, norm, pool, dropout)", lambda n: n.startswith("aten::")),
+    ("autograd and Python between ops", lambda n: True),
+)
+
+
+def time_by_kind(events, device: torch.device) -> list[tuple[str, float, float]]:
+    """[(kind, ms, share)] of the profiled operators' self time (module docstring), largest first."""
+    cuda = device.type == "cuda"
+    totals = collections.Counter()
+    for e in events:
+        if str(getattr(e, "device_type", "")).endswith("CUDA"):
+            continue  # a kernel's own row: its time is already its operator's self device time
+        us = (getattr(e, "self_device_time_total", None) or 0) if cuda else e.self_cpu_time_total
+        if us:
+            totals[next(kind for kind, test in KINDS if test(e.key))] += us / 1e3
+    whole = sum(totals.values()) or 1.0
+    return [(kind, ms, ms / whole) for kind, ms in totals.most_common()]
+
+
+def kind_table(rows, device: torch.device) -> str:
+    clock = "device" if device.type == "cuda" else "CPU"
+    lines = [f"{'time by kind (' + clock + ' self time)':<48}{'ms':>10}{'share':>8}"]
+    lines += [f"{kind:<48}{ms:>10.2f}{share:>8.1%}" for kind, ms, share in rows]
     return "\n".join(lines)
 
 
@@ -154,14 +197,18 @@ def main_args(args) -> int:
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"  # 'device': torch >= 2.4
     op_table = events.table(sort_by=sort, row_limit=args.row_limit)
     stages = _stage_table(events)
+    kinds = kind_table(time_by_kind(events, device), device)
     head = (f"noprop profile: {case.label} | device {device} | batch {args.batch} | T {args.T} | "
             f"{args.steps} steps in {wall:.2f} s under the profiler | torch {torch.__version__}")
-    write_text_atomically(out / "table.txt", f"{head}\n\n{calls_line}\n{calls_table}\n\n{stages}\n\n{op_table}\n")
+    write_text_atomically(out / "table.txt",
+                          f"{head}\n\n{kinds}\n\n{calls_line}\n{calls_table}\n\n{stages}\n\n{op_table}\n")
     print(head)
     print("\nper op (sorted by " + sort + "):")
     print(op_table)
     print("NoProp stages:")
     print(stages)
+    print()
+    print(kinds)
     print(f"\n{calls_line}")
     print(f"\nwrote {trace} (chrome://tracing or https://ui.perfetto.dev) and {out / 'table.txt'}")
     return 0

@@ -240,3 +240,26 @@ def test_tflops_and_share_of_peak_borrow_the_eager_count():
     assert recs[0]["tflops"] == pytest.approx(200.0) and recs[1]["tflops"] == pytest.approx(400.0)
     assert recs[1]["pct_of_bf16_peak"] == pytest.approx(100 * 400 / 989.4)
     assert recs[2]["tflops"] == pytest.approx(0.2) and recs[2]["pct_of_bf16_peak"] is None
+
+
+def test_profile_splits_the_step_s_time_by_kind(tmp_path, capsys):
+    from noprop.profile import KINDS
+
+    def kind(name):
+        return next(k for k, test in KINDS if test(name))
+
+    assert kind("aten::cudnn_convolution") == kind("aten::convolution_backward") == kind("aten::im2col") == "convolutions"
+    assert kind("aten::addmm") == kind("aten::baddbmm") == "matmuls (Linear, bmm)"
+    assert kind("noprop::local_loss") == "NoProp fused ops"
+    assert kind("aten::_fused_adamw_") == kind("aten::_foreach_mul_") == kind("Optimizer.step#AdamW.step") == "optimizer"
+    assert kind("aten::native_batch_norm").startswith("other aten") and kind("aten::copy_") == "copies and stacking"
+    assert kind("autograd::engine::evaluate_function: ReluBackward0").startswith("autograd")
+    out = tmp_path / "prof"
+    assert main(["profile", "--steps", "1", "--warmup", "0", "-T", "2", "--batch", "8", "--threads", "1",
+                 "--out", str(out)]) == 0
+    text = (out / "table.txt").read_text()
+    rows = text.split("time by kind (CPU self time)")[1].split("\n\n")[0].strip().splitlines()[1:]  # under ms/share
+    shares = {line[:48].strip(): float(line.split()[-1].rstrip("%")) for line in rows}
+    assert abs(sum(shares.values()) - 100) < 0.5
+    assert shares["convolutions"] > 0 and shares["NoProp fused ops"] > 0 and shares["optimizer"] > 0
+    assert "time by kind" in capsys.readouterr().out
