@@ -182,6 +182,11 @@ if [[ $DRY == 0 ]]; then
   # Which T-batched convolution the bank should run here (noprop.models.bank_layers): each choice in
   # a run of its own against the per-step stacked vmap step (NOPROP_BANK_CONV is per process).
   step bench-bank-conv 100 bash -c "rc=0; for c in grouped gemm; do echo \"== NOPROP_BANK_CONV=\$c\"; NOPROP_BANK_CONV=\$c ${NOPROP[*]} bench --device cuda --batch 1024 --methods dt --modes parallel --execution vmap,bank --precision fp32,bf16 --cuda-graph --repeats 2 --json '$OUT/bench_bank_conv_'\$c.json || { echo \"conv \$c failed\"; rc=1; }; done; exit \$rc"
+  # One graph per step, two ways: the CUDA-graph replay against torch.compile of the step (inductor's
+  # default mode: max-autotune's timing of every template would not fit the budget), bf16, B = 1024.
+  step bench-compile 150 env NOPROP_COMPILE_MODE=default "${NOPROP[@]}" bench --device cuda --batch 1024 \
+    --methods dt,backprop --modes parallel --precision bf16 --compile --cuda-graph --repeats 2 \
+    --json "$OUT/bench_compile_b1024.json" --csv "$OUT/bench_compile_b1024.csv"
   # B = 128 and B = 4096 beside B = 1024, in fp32 and bf16, like for like.
   step bench-b128-precision 90 "${NOPROP[@]}" bench --device cuda --batch 128 --methods dt,backprop --modes parallel \
     --precision fp32,bf16 --cuda-graph --repeats 2 --json "$OUT/bench_precision_b128.json" \

@@ -397,3 +397,17 @@ def test_profile_reports_operator_calls(tmp_path, capsys):
     table = (out / "table.txt").read_text()
     line = next(ln for ln in table.splitlines() if ln.startswith("operator calls per training step:"))
     assert int(line.split(":")[1].split()[0]) > 0 and "aten" in line
+
+
+def test_compile_mode_follows_the_device_and_noprop_compile_mode(monkeypatch):
+    from noprop.training.compiling import compile_mode
+
+    monkeypatch.delenv("NOPROP_COMPILE_MODE", raising=False)
+    assert compile_mode("cuda") == "max-autotune-no-cudagraphs" and compile_mode("cpu") is None
+    monkeypatch.setenv("NOPROP_COMPILE_MODE", "default")
+    assert compile_mode("cuda") is None
+    monkeypatch.setenv("NOPROP_COMPILE_MODE", "max-autotune")
+    assert compile_mode("cpu") == "max-autotune"
+    monkeypatch.setenv("NOPROP_COMPILE_MODE", "fastest")
+    with pytest.raises(ValueError, match="NOPROP_COMPILE_MODE must be one of default, reduce-overhead"):
+        compile_mode("cuda")

@@ -67,7 +67,7 @@ def environment(device: torch.device, threads: int) -> dict:
     return {"device": device.type, "device_name": device_name(device), "threads": threads,
             "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
             "python": platform.python_version(), "backend": os.environ.get("NOPROP_BACKEND", "auto"),
-            "loadavg_1min": _loadavg(),
+            "loadavg_1min": _loadavg(), "compile_mode": os.environ.get("NOPROP_COMPILE_MODE") or "per device",
             "commit": commit, "dirty": bool(status) if status is not None else None,
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 

@@ -10,7 +10,7 @@ Evaluation (`predict`) is not compiled: it runs once per epoch on other shapes.
 
 Mode: "max-autotune-no-cudagraphs" on CUDA (Triton templates for matmuls and convolutions chosen by
 timing; without inductor's own CUDA graphs, which `--cuda-graph`'s CapturedStep owns), torch's
-default on CPU.
+default on CPU; NOPROP_COMPILE_MODE names another.
 
 Consequences a compiled step has:
 - dropout masks come from the compiled graph's generator (seeded from torch's), not from the
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
@@ -36,8 +37,17 @@ from noprop.training.config import TrainConfig, blocks_per_step
 _ATTR = "_noprop_compiled"  # set on a model this module compiled: (mode, graphs)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def compile_mode(device) -> str | None:
-    """torch.compile's mode for a step on `device` (None: its default)."""
+    """torch.compile's mode for a step on `device` (None: its default). NOPROP_COMPILE_MODE overrides
+    it (e.g. `default` where max-autotune's timing of every template would take too long)."""
+    chosen = os.environ.get("NOPROP_COMPILE_MODE", "").strip()
+    if chosen:
+        if chosen not in COMPILE_MODES:
+            raise ValueError(f"NOPROP_COMPILE_MODE must be one of {', '.join(COMPILE_MODES)}, got {chosen!r}")
+        return None if chosen == "default" else chosen
     return "max-autotune-no-cudagraphs" if torch.device(device).type == "cuda" else None
 
 
