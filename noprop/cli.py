@@ -193,7 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _execution_note(cfg) -> str:
-    """', blocks: threads on 2 CPU threads' and the like: how a DT step's blocks will run."""
+    """', blocks: threads on 2 CPU threads' and the like: how a DT (or backprop) step's blocks will run."""
+    if cfg.method == "backprop":
+        stacked = engine.resolve_identical(cfg.effective_execution, cfg.T, cfg.device) == "bank"
+        return ", blocks: bank (image branches stacked)" if stacked else ", blocks: loop"
     if cfg.method != "dt":
         return ""
     import torch

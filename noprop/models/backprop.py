@@ -84,7 +84,7 @@ class BackpropDT(nn.Module):
         if device is None:
             device = next(self.parameters()).device
         blocks = list(self.blocks)
-        bank = execution == "bank" or (execution == "auto" and engine.resolve("auto", blocks, device) == "bank")
+        bank = execution in ("bank", "auto") and engine.resolve(execution, blocks, device) == "bank"
         if bank and not self.is_bank:
             self.blocks = BlockBank(blocks)  # raises with the reason on blocks that differ in structure
         elif not bank and self.is_bank:
