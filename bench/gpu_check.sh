@@ -17,7 +17,9 @@
 # is tested end to end. Exit status: 0 if no step failed or timed out, else 1.
 #
 # Env: PYTHON (default python3: the interpreter that holds torch on the lent machines),
-# GPU_CHECK_BUDGET (s), BENCH_REPEATS (default 3), MAX_JOBS /
+# GPU_CHECK_BUDGET (s), BENCH_REPEATS (default 3), GPU_CHECK_ONLY (space-separated step names: run
+# only those, plus the set-up, build, plots and summary: a second call for what the first one's
+# budget skipped, e.g. GPU_CHECK_ONLY="bench-compile bench-b4096"), MAX_JOBS /
 # TORCH_CUDA_ARCH_LIST for the extension build (default 8 / "9.0": H100/H200 only, to keep it fast),
 # NOPROP_COMMIT: the commit the tree is. The lent machines copy the working tree with a .git that
 # still says the session's first commit: write the hash into the command (`NOPROP_COMMIT=abc1234
@@ -90,6 +92,10 @@ pack() {  # --pack: OUT as one tarball (+ the step table and summary) in PACK, r
 # SIGINT first (pytest prints its summary, noprop bench keeps its cases so far), SIGKILL 10 s later.
 step() {
   local name=$1 limit=$2; shift 2
+  if [[ -n ${GPU_CHECK_ONLY:-} && " $GPU_CHECK_ONLY nvidia-smi env info-before-build build-cuda-ext info plots summary " != *" $name "* ]]; then
+    printf '%s\tskipped\t0\tnot in GPU_CHECK_ONLY\n' "$name" >> "$SUMMARY"
+    return 0
+  fi
   local deadline=$BUDGET
   if [[ ${1:-} == --final ]]; then deadline=$((BUDGET + RESERVE)); shift; fi
   local left=$((deadline - $(now) - 3))
@@ -139,7 +145,9 @@ if [[ $DRY == 0 ]]; then
   TRITON_LIMIT=$(( BUDGET - $(now) - 60 )); (( TRITON_LIMIT > 300 )) && TRITON_LIMIT=300
   (( TRITON_LIMIT < 30 )) && TRITON_LIMIT=30  # `timeout 0` would mean no limit at all
   rm -f "$OUT"/tests-triton-*.rc "$OUT"/tests-triton-*.log  # a rerun into the same OUT must not read old results
-  for op in noise_inject local_loss denoise_step; do
+  TRITON_OPS="noise_inject local_loss denoise_step"
+  [[ -n ${GPU_CHECK_ONLY:-} && " $GPU_CHECK_ONLY " != *" tests-triton "* ]] && TRITON_OPS=""
+  for op in $TRITON_OPS; do
     ( timeout -s INT -k 10 "$TRITON_LIMIT" env TRITON_INTERPRET=0 NOPROP_BACKEND=auto "$PYTHON" -m pytest -q \
         --maxfail=10 -o faulthandler_timeout=60 -p no:cacheprovider "tests/test_triton_$op.py" \
         > "$OUT/tests-triton-$op.log" 2>&1
