@@ -147,6 +147,18 @@ def test_each_bank_parameter_gets_its_gradient_from_one_place():
     assert {n: k for n, k in fan_in.items() if k != 1} == {}
 
 
+def test_the_chain_unbinds_each_parameter_once_per_forward(monkeypatch):
+    from noprop.profile import operator_calls
+
+    monkeypatch.setenv("NOPROP_BANK_CONV", "grouped")  # CPU's per-block convolutions unbind their weights too
+    _, bank = _pair(T=4)
+    x, y = _data(6)
+    calls = operator_calls(lambda: bank.loss(x, y))
+    chained = [n for n, p in bank.blocks.named_parameters() if not n.startswith("image.")]  # the z-path's
+    # one unbind per z-path parameter, one of the image features [B, T, width] into blocks
+    assert calls["aten::unbind"] == len(chained) + 1
+
+
 def test_checkpoints_cross_between_loop_and_bank():
     loop, bank = _pair()
     assert set(bank.state_dict()) == set(loop.state_dict())  # per-block keys either way

@@ -62,8 +62,10 @@ class _Fold:
         if tensor is None or self.full:
             return tensor
         if self.unbound is not None and tensor.requires_grad and self.T == 1:
-            _, rows = self.unbound.setdefault(id(tensor), (tensor, tensor.unbind(0)))
-            return rows[self.rows.start].unsqueeze(0)
+            entry = self.unbound.get(id(tensor))  # (tensor, rows): the tensor kept so its id stays its own
+            if entry is None:
+                entry = self.unbound[id(tensor)] = (tensor, tensor.unbind(0))
+            return entry[1][self.rows.start].unsqueeze(0)
         return tensor[self.rows]
 
     def shared(self, x) -> bool:
