@@ -36,6 +36,11 @@ from typing import Optional
 from ._launch import on_device, pow2
 
 _WGRAD_PROGRAMS = 264  # aim for ~2 waves of programs on a 132-SM GPU in the weight gradient
+# Triton's interpreter (CPU tensors, the tests) runs programs one after another in Python, at a
+# cost per program and op rather than per element: there the launchers take 4x longer row tiles
+# and aim at a few weight-gradient splits. Same kernels and masks, other tile constants.
+_ROWS, _ROWS_INTERPRETED = 64, 256
+_WGRAD_PROGRAMS_INTERPRETED = 8
 _WGRAD_PARTIAL_ELEMENTS = 1 << 23  # cap on the fp32 split partials of dw (32 MiB)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -188,11 +193,11 @@ def _batch_strides(t: Tensor, T: int, shared: bool) -> tuple:
     return (s[0], 0, *s[1:]) if shared else (T * s[0], s[0], *s[1:])
 
 
-def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, T: int, shared: bool, padding) -> Tensor:
+def forward(x: Tensor, weight: Tensor, bias: Tensor | None, T: int, shared: bool, padding) -> Tensor:
     g = _geometry(x, weight, T, shared, padding)
     weight = weight.contiguous()
     y = torch.empty((g["B"] * T, g["O"], g["Ho"], g["Wo"]), dtype=x.dtype, device=x.device)
-    bm, bn, bk = 64, pow2(g["O"], 16, 64), pow2(g["C"] * g["KH"] * g["KW"], 16, 32)
+    bm, bn, bk = _rows(), pow2(g["O"], 16, 64), pow2(g["C"] * g["KH"] * g["KW"], 16, 32)
     grid = (triton.cdiv(g["B"] * g["Ho"] * g["Wo"], bm), triton.cdiv(g["O"], bn), T)
     with on_device(x):
         _bank_conv_fwd[grid](x, weight, weight if bias is None else bias.contiguous(), y, g["B"], g["C"], g["H"],
@@ -202,14 +207,14 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, T: int, shared: boo
     return y
 
 
-def _input_grad(dy: Tensor, x: Tensor, weight: Tensor, T: int, shared: bool, padding) -> Tensor:
+def input_grad(dy: Tensor, x: Tensor, weight: Tensor, T: int, shared: bool, padding) -> Tensor:
     """dx, contiguous, in x's shape and dtype."""
     g = _geometry(x, weight, T, shared, padding)
     weight = weight.contiguous()
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     chw = g["C"] * g["H"] * g["W"]
     blocks, nt, sdx = (1, T, (chw, 0)) if shared else (T, 1, (T * chw, chw))
-    bm, bn, bk = 64, pow2(g["C"], 16, 64), pow2(g["O"] * g["KH"] * g["KW"], 16, 32)
+    bm, bn, bk = _rows(), pow2(g["C"], 16, 64), pow2(g["O"] * g["KH"] * g["KW"], 16, 32)
     grid = (triton.cdiv(g["B"] * g["H"] * g["W"], bm), triton.cdiv(g["C"], bn), blocks)
     with on_device(x):
         _bank_conv_dgrad[grid](dy, weight, dx, g["B"], g["C"], g["H"], g["W"], g["O"], g["Ho"], g["Wo"],
@@ -219,24 +224,33 @@ def _input_grad(dy: Tensor, x: Tensor, weight: Tensor, T: int, shared: bool, pad
     return dx
 
 
-def wgrad_splits(R: int, programs: int, partial: int, block_r: int) -> tuple[int, int]:
+def interpreted() -> bool:
+    return type(_bank_conv_fwd).__name__ == "InterpretedFunction"
+
+
+def _rows() -> int:
+    return _ROWS_INTERPRETED if interpreted() else _ROWS
+
+
+def wgrad_splits(R: int, programs: int, partial: int, block_r: int, target: int) -> tuple[int, int]:
     """(splits, rows per split) of the weight gradient's reduction over R output positions: enough
-    splits for ~2 waves with `programs` programs per split, at most `_WGRAD_PARTIAL_ELEMENTS` of
-    fp32 partials (`partial` elements per split). A function of the shapes only: same inputs, same
-    summation order."""
-    splits = max(1, min(triton.cdiv(_WGRAD_PROGRAMS, programs), triton.cdiv(R, block_r),
+    splits for `target` programs with `programs` programs per split, at most
+    `_WGRAD_PARTIAL_ELEMENTS` of fp32 partials (`partial` elements per split). A function of the
+    shapes only: same inputs, same summation order."""
+    splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(R, block_r),
                         _WGRAD_PARTIAL_ELEMENTS // max(1, partial)))
     chunk = triton.cdiv(triton.cdiv(R, splits), block_r) * block_r
     return triton.cdiv(R, chunk), chunk
 
 
-def _weight_grad(dy: Tensor, x: Tensor, weight: Tensor, T: int, shared: bool, padding) -> tuple[Tensor, Tensor]:
+def weight_grad(dy: Tensor, x: Tensor, weight: Tensor, T: int, shared: bool, padding) -> tuple[Tensor, Tensor]:
     """(dw like weight, db [T, O] in weight's dtype)."""
     g = _geometry(x, weight, T, shared, padding)
     O, KC = g["O"], g["C"] * g["KH"] * g["KW"]
-    bo, bk, br = pow2(O, 16, 64), pow2(KC, 16, 64), 32
+    bo, bk, br = pow2(O, 16, 64), pow2(KC, 16, 64), _rows() // 2
     tiles = (triton.cdiv(O, bo), triton.cdiv(KC, bk))
-    splits, chunk = wgrad_splits(g["B"] * g["Ho"] * g["Wo"], tiles[0] * tiles[1] * T, T * O * KC, br)
+    target = _WGRAD_PROGRAMS_INTERPRETED if interpreted() else _WGRAD_PROGRAMS
+    splits, chunk = wgrad_splits(g["B"] * g["Ho"] * g["Wo"], tiles[0] * tiles[1] * T, T * O * KC, br, target)
     dw = torch.empty((splits, T, O, KC), dtype=torch.float32, device=x.device)
     db = torch.empty((splits, T, O), dtype=torch.float32, device=x.device)
     with on_device(x):
@@ -253,7 +267,7 @@ def _weight_grad(dy: Tensor, x: Tensor, weight: Tensor, T: int, shared: bool, pa
 # formula is registered below; the backward runs only the gradients that are needed.
 @torch.library.custom_op("noprop::bank_conv2d", mutates_args=())
 def _conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], T: int, shared: bool, padding: list[int]) -> Tensor:
-    return _forward(x, weight, bias, T, shared, padding)
+    return forward(x, weight, bias, T, shared, padding)
 
 
 @_conv_op.register_fake
@@ -264,7 +278,7 @@ def _(x, weight, bias, T, shared, padding):
 
 @torch.library.custom_op("noprop::bank_conv2d_input_grad", mutates_args=())
 def _input_grad_op(dy: Tensor, x: Tensor, weight: Tensor, T: int, shared: bool, padding: list[int]) -> Tensor:
-    return _input_grad(dy, x, weight, T, shared, padding)
+    return input_grad(dy, x, weight, T, shared, padding)
 
 
 @_input_grad_op.register_fake
@@ -275,7 +289,7 @@ def _(dy, x, weight, T, shared, padding):
 @torch.library.custom_op("noprop::bank_conv2d_weight_grad", mutates_args=())
 def _weight_grad_op(dy: Tensor, x: Tensor, weight: Tensor, T: int, shared: bool,
                     padding: list[int]) -> tuple[Tensor, Tensor]:
-    return _weight_grad(dy, x, weight, T, shared, padding)
+    return weight_grad(dy, x, weight, T, shared, padding)
 
 
 @_weight_grad_op.register_fake
@@ -334,7 +348,7 @@ def device_reason(device) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        if type(_bank_conv_fwd).__name__ != "InterpretedFunction":
+        if not interpreted():
             return ("the Triton bank convolution runs CPU tensors only in Triton's interpreter: set "
                     "TRITON_INTERPRET=1 before importing noprop")
         return None
