@@ -152,9 +152,10 @@ if [[ $DRY == 0 ]]; then
   step tests-gpu 150 env TRITON_INTERPRET=0 NOPROP_BACKEND=auto "$PYTHON" -m pytest -q --maxfail=10 -p no:cacheprovider \
     -o faulthandler_timeout=60 \
     tests/test_cuda_ext.py tests/test_dispatch.py tests/test_engine.py tests/test_info.py tests/test_graphs.py
-  # The block bank's layers on cuDNN / cuBLAS against float64, and its captured step against its eager steps.
-  step tests-bank-gpu 90 env TRITON_INTERPRET=0 NOPROP_BACKEND=auto "$PYTHON" -m pytest -q --maxfail=10 -p no:cacheprovider \
-    -o faulthandler_timeout=60 -k cuda tests/test_bank_layers.py tests/test_bank.py
+  # The block bank's layers on cuDNN / cuBLAS / the Triton bank convolution against float64, and its
+  # captured step against its eager steps (the Triton kernels compile on first use: a longer limit).
+  step tests-bank-gpu 180 env TRITON_INTERPRET=0 NOPROP_BACKEND=auto "$PYTHON" -m pytest -q --maxfail=10 -p no:cacheprovider \
+    -o faulthandler_timeout=60 -k cuda tests/test_bank_layers.py tests/test_bank.py tests/test_bank_conv_triton.py
   # Collect the background Triton test runs (their logs: tests-triton-<op>.log).
   step tests-triton "$TRITON_LIMIT" bash -c 'rc=0; for op in noise_inject local_loss denoise_step; do
       while [[ ! -f "$0/tests-triton-$op.rc" ]]; do sleep 1; done
@@ -187,7 +188,7 @@ if [[ $DRY == 0 ]]; then
   step profile-bf16 60 "${NOPROP[@]}" profile --device cuda --steps 3 --precision bf16 --out "$OUT/profile_bf16"
   # Which T-batched convolution the bank should run here (noprop.models.bank_layers): each choice in
   # a run of its own against the per-step stacked vmap step (NOPROP_BANK_CONV is per process).
-  step bench-bank-conv 100 bash -c "rc=0; for c in grouped gemm; do echo \"== NOPROP_BANK_CONV=\$c\"; NOPROP_BANK_CONV=\$c ${NOPROP[*]} bench --device cuda --batch 1024 --methods dt --modes parallel --execution vmap,bank --cuda-graph --repeats 2 --json '$OUT/bench_bank_conv_'\$c.json || { echo \"conv \$c failed\"; rc=1; }; done; exit \$rc"
+  step bench-bank-conv 100 bash -c "rc=0; for c in grouped gemm triton; do echo \"== NOPROP_BANK_CONV=\$c\"; NOPROP_BANK_CONV=\$c ${NOPROP[*]} bench --device cuda --batch 1024 --methods dt --modes parallel --execution vmap,bank --cuda-graph --repeats 2 --json '$OUT/bench_bank_conv_'\$c.json || { echo \"conv \$c failed\"; rc=1; }; done; exit \$rc"
   # The main job on the GPU: accuracy and wall time of DT and backprop, each step replayed as a graph.
   step train 100 env PYTHON="$PYTHON" bash bench/gpu_train.sh "$OUT"
   # The same DT step with each op backend (end-to-end effect of the fused kernels).
