@@ -111,7 +111,8 @@ def test_weight_gradient_is_deterministic_over_several_splits(device):
     B, C, O, H, W = 129, 3, 5, 6, 5
     x, w, b = _inputs(B, C, O, H, W, False, device)
     target = BC._WGRAD_PROGRAMS if device == "cuda" else BC._WGRAD_PROGRAMS_INTERPRETED
-    splits, _ = BC.wgrad_splits(B * 4 * 3, T, T * O * C * 9, BC._rows() // 2, target)
+    block_r = BC.wgrad_tiles(O, C * 9, True)[2]
+    splits, _ = BC.wgrad_splits(B * 4 * 3, T, T * O * C * 9, block_r, target)
     assert splits > 1  # the reduction really is split here
     dy = torch.randn(B * T, O, 4, 3, device=device)
     runs = [_run(lambda x, w, b: BC.conv2d(x, w, b, T, False), x, w, b, dy, torch.float32) for _ in range(2)]

@@ -37,9 +37,9 @@ from ._launch import on_device, pow2
 
 _WGRAD_PROGRAMS = 264  # aim for ~2 waves of programs on a 132-SM GPU in the weight gradient
 # Triton's interpreter (CPU tensors, the tests) runs programs one after another in Python, at a
-# cost per program and op rather than per element: there the launchers take 4x longer row tiles
-# and aim at a few weight-gradient splits. Same kernels and masks, other tile constants.
-_ROWS, _ROWS_INTERPRETED = 64, 256
+# cost per program and op rather than per element: there the launchers take longer row tiles and
+# aim at a few weight-gradient splits. Same kernels and masks, other tile constants.
+_ROWS_INTERPRETED = 256
 _WGRAD_PROGRAMS_INTERPRETED = 8
 _WGRAD_PARTIAL_ELEMENTS = 1 << 23  # cap on the fp32 split partials of dw (32 MiB)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -197,13 +197,14 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, T: int, shared: bool
     g = _geometry(x, weight, T, shared, padding)
     weight = weight.contiguous()
     y = torch.empty((g["B"] * T, g["O"], g["Ho"], g["Wo"]), dtype=x.dtype, device=x.device)
-    bm, bn, bk = _rows(), pow2(g["O"], 16, 64), pow2(g["C"] * g["KH"] * g["KW"], 16, 32)
+    f32 = x.dtype != torch.float16
+    bm, bn, bk, warps = tiles(g["O"], g["C"] * g["KH"] * g["KW"], f32)
     grid = (triton.cdiv(g["B"] * g["Ho"] * g["Wo"], bm), triton.cdiv(g["O"], bn), T)
     with on_device(x):
         _bank_conv_fwd[grid](x, weight, weight if bias is None else bias.contiguous(), y, g["B"], g["C"], g["H"],
                              g["W"], g["O"], g["Ho"], g["Wo"], padding[0], padding[1], T,
                              *_batch_strides(x, T, shared), KH=g["KH"], KW=g["KW"], HAS_BIAS=bias is not None,
-                             F32=x.dtype != torch.float16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+                             F32=f32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return y
 
 
@@ -214,13 +215,14 @@ def input_grad(dy: Tensor, x: Tensor, weight: Tensor, T: int, shared: bool, padd
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     chw = g["C"] * g["H"] * g["W"]
     blocks, nt, sdx = (1, T, (chw, 0)) if shared else (T, 1, (T * chw, chw))
-    bm, bn, bk = _rows(), pow2(g["C"], 16, 64), pow2(g["O"] * g["KH"] * g["KW"], 16, 32)
+    f32 = x.dtype != torch.float16
+    bm, bn, bk, warps = tiles(g["C"], g["O"] * g["KH"] * g["KW"], f32)
     grid = (triton.cdiv(g["B"] * g["H"] * g["W"], bm), triton.cdiv(g["C"], bn), blocks)
     with on_device(x):
         _bank_conv_dgrad[grid](dy, weight, dx, g["B"], g["C"], g["H"], g["W"], g["O"], g["Ho"], g["Wo"],
                                padding[0], padding[1], nt, *_batch_strides(dy, T, False), *sdx,
-                               KH=g["KH"], KW=g["KW"], F32=x.dtype != torch.float16,
-                               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+                               KH=g["KH"], KW=g["KW"], F32=f32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                               num_warps=warps)
     return dx
 
 
@@ -228,8 +230,22 @@ def interpreted() -> bool:
     return type(_bank_conv_fwd).__name__ == "InterpretedFunction"
 
 
-def _rows() -> int:
-    return _ROWS_INTERPRETED if interpreted() else _ROWS
+def tiles(N: int, K: int, f32: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the forward and input-gradient GEMMs (N columns, K
+    reduced). The ieee fp32 dots (fp32, bf16) run on FMA units with their operands in registers:
+    compiled for sm_90 (ptxas, Triton 3.8; compile_check), 64 x 64 x 16 tiles on 8 warps use <= 166
+    registers (one T = B = 1 input-gradient specialization spills 8 bytes), where 4 warps or
+    32-deep K tiles used 255 and spilled. fp16 takes 32-deep K tiles (<= 162 registers, no spills)."""
+    rows = _ROWS_INTERPRETED if interpreted() else 64
+    return rows, pow2(N, 16, 64), 16 if f32 else pow2(K, 16, 32), 8
+
+
+def wgrad_tiles(O: int, KC: int, f32: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_O, BLOCK_K, BLOCK_R, num_warps) of the weight gradient (BLOCK_R positions reduced per
+    step). sm_90: fp32/bf16 64 x 32 x 16 on 8 warps <= 189 registers, no spills (32-deep R tiles
+    spilled 0.5-7 KB); fp16 64 x 64 x 32 on 8 warps <= 187, no spills."""
+    rows = _ROWS_INTERPRETED // 2 if interpreted() else 16 if f32 else 32
+    return pow2(O, 16, 64), pow2(KC, 16, 32 if f32 else 64), rows, 8
 
 
 def wgrad_splits(R: int, programs: int, partial: int, block_r: int, target: int) -> tuple[int, int]:
@@ -247,7 +263,8 @@ def weight_grad(dy: Tensor, x: Tensor, weight: Tensor, T: int, shared: bool, pad
     """(dw like weight, db [T, O] in weight's dtype)."""
     g = _geometry(x, weight, T, shared, padding)
     O, KC = g["O"], g["C"] * g["KH"] * g["KW"]
-    bo, bk, br = pow2(O, 16, 64), pow2(KC, 16, 64), _rows() // 2
+    f32 = x.dtype != torch.float16
+    bo, bk, br, warps = wgrad_tiles(O, KC, f32)
     tiles = (triton.cdiv(O, bo), triton.cdiv(KC, bk))
     target = _WGRAD_PROGRAMS_INTERPRETED if interpreted() else _WGRAD_PROGRAMS
     splits, chunk = wgrad_splits(g["B"] * g["Ho"] * g["Wo"], tiles[0] * tiles[1] * T, T * O * KC, br, target)
@@ -257,8 +274,7 @@ def weight_grad(dy: Tensor, x: Tensor, weight: Tensor, T: int, shared: bool, pad
         _bank_conv_wgrad[(*tiles, T * splits)](dy, x, dw, db, g["B"], g["C"], g["H"], g["W"], O, g["Ho"], g["Wo"],
                                                padding[0], padding[1], T, chunk, *_batch_strides(dy, T, False),
                                                *_batch_strides(x, T, shared), KH=g["KH"], KW=g["KW"],
-                                               F32=x.dtype != torch.float16, BLOCK_O=bo, BLOCK_K=bk, BLOCK_R=br,
-                                               num_warps=4)
+                                               F32=f32, BLOCK_O=bo, BLOCK_K=bk, BLOCK_R=br, num_warps=warps)
     # the split partials summed by one torch reduction, whose order is fixed for fixed shapes
     return dw.sum(0).reshape(weight.shape).to(weight.dtype), db.sum(0).to(weight.dtype)
 
