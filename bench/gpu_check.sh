@@ -139,13 +139,13 @@ step info-before-build 60 "${NOPROP[@]}" info
 # 2. the CUDA extension and the GPU tests --------------------------------------------------------
 if [[ $DRY == 0 ]]; then
   # The Triton kernel tests need no extension, and Triton compiles every kernel specialization on
-  # first use (~170 of them in these files, one core per process): one pytest process per op file
+  # first use (~280 of them in these files, one core per process): one pytest process per op file
   # starts now, in the background, and overlaps the extension build. --maxfail instead of -x: one
   # rare GPU run should show every broken case, not only the first.
   TRITON_LIMIT=$(( BUDGET - $(now) - 60 )); (( TRITON_LIMIT > 300 )) && TRITON_LIMIT=300
   (( TRITON_LIMIT < 30 )) && TRITON_LIMIT=30  # `timeout 0` would mean no limit at all
   rm -f "$OUT"/tests-triton-*.rc "$OUT"/tests-triton-*.log  # a rerun into the same OUT must not read old results
-  TRITON_OPS="noise_inject local_loss denoise_step"
+  TRITON_OPS="noise_inject local_loss denoise_step bank_conv"
   [[ -n ${GPU_CHECK_ONLY:-} && " $GPU_CHECK_ONLY " != *" tests-triton "* ]] && TRITON_OPS=""
   for op in $TRITON_OPS; do
     ( timeout -s INT -k 10 "$TRITON_LIMIT" env TRITON_INTERPRET=0 NOPROP_BACKEND=auto "$PYTHON" -m pytest -q \
@@ -160,14 +160,16 @@ if [[ $DRY == 0 ]]; then
   step tests-gpu 150 env TRITON_INTERPRET=0 NOPROP_BACKEND=auto "$PYTHON" -m pytest -q --maxfail=10 -p no:cacheprovider \
     -o faulthandler_timeout=60 \
     tests/test_cuda_ext.py tests/test_dispatch.py tests/test_engine.py tests/test_info.py tests/test_graphs.py
-  # The block bank's layers on cuDNN / cuBLAS against float64, and its captured step against its eager steps.
+  # The block bank's layers on cuDNN / cuBLAS against float64, its captured step against its eager
+  # steps, and the banked backprop baseline replayed (the Triton bank convolution's tests run in the
+  # background with the other Triton tests).
   step tests-bank-gpu 90 env TRITON_INTERPRET=0 NOPROP_BACKEND=auto "$PYTHON" -m pytest -q --maxfail=10 -p no:cacheprovider \
     -o faulthandler_timeout=60 -k cuda tests/test_bank_layers.py tests/test_bank.py tests/test_backprop_bank.py
   # Collect the background Triton test runs (their logs: tests-triton-<op>.log).
-  step tests-triton "$TRITON_LIMIT" bash -c 'rc=0; for op in noise_inject local_loss denoise_step; do
+  step tests-triton "$TRITON_LIMIT" bash -c 'rc=0; for op in $1; do
       while [[ ! -f "$0/tests-triton-$op.rc" ]]; do sleep 1; done
       r=$(cat "$0/tests-triton-$op.rc"); echo "== tests/test_triton_$op.py: exit $r"; tail -n 25 "$0/tests-triton-$op.log"
-      (( r != 0 )) && rc=1; done; exit $rc' "$OUT"
+      (( r != 0 )) && rc=1; done; exit $rc' "$OUT" "$TRITON_OPS"
 else
   skip build-cuda-ext "GPU-only (dry run)"
   skip tests-gpu "GPU-only (dry run): CPU tests run with python -m pytest tests"
@@ -189,7 +191,7 @@ if [[ $DRY == 0 ]]; then
   step profile-bf16 60 "${NOPROP[@]}" profile --device cuda --steps 3 --precision bf16 --out "$OUT/profile_bf16"
   # Which T-batched convolution the bank should run here (noprop.models.bank_layers): each choice in
   # a run of its own against the per-step stacked vmap step (NOPROP_BANK_CONV is per process).
-  step bench-bank-conv 100 bash -c "rc=0; for c in grouped gemm; do echo \"== NOPROP_BANK_CONV=\$c\"; NOPROP_BANK_CONV=\$c ${NOPROP[*]} bench --device cuda --batch 1024 --methods dt --modes parallel --execution vmap,bank --precision fp32,bf16 --cuda-graph --repeats 2 --json '$OUT/bench_bank_conv_'\$c.json || { echo \"conv \$c failed\"; rc=1; }; done; exit \$rc"
+  step bench-bank-conv 100 bash -c "rc=0; for c in grouped gemm triton; do echo \"== NOPROP_BANK_CONV=\$c\"; NOPROP_BANK_CONV=\$c ${NOPROP[*]} bench --device cuda --batch 1024 --methods dt --modes parallel --execution vmap,bank --precision fp32,bf16 --cuda-graph --repeats 2 --json '$OUT/bench_bank_conv_'\$c.json || { echo \"conv \$c failed\"; rc=1; }; done; exit \$rc"
   # One graph per step, two ways: the CUDA-graph replay against torch.compile of the step (inductor's
   # default mode: max-autotune's timing of every template would not fit the budget), bf16, B = 1024.
   step bench-compile 150 env NOPROP_COMPILE_MODE=default "${NOPROP[@]}" bench --device cuda --batch 1024 \

@@ -40,7 +40,8 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     results = json.loads(out.read_text())
     kernels = {r["kernel"] for r in results}
     assert {"_noise_inject_fwd", "_noise_inject_bwd_rows", "_sum_rows_by_label", "_local_loss_fwd",
-            "_local_loss_bwd_rows", "_local_loss_bwd_dW", "_denoise_step"} <= kernels
+            "_local_loss_bwd_rows", "_local_loss_bwd_dW", "_denoise_step", "_bank_conv_fwd", "_bank_conv_dgrad",
+            "_bank_conv_wgrad"} <= kernels
     assert all(r["ok"] and r["registers"] for r in results)
     # The FM variant (no softmax, target offset) is among the compiled specializations.
     assert any(r["kernel"] == "_local_loss_fwd" and r["constexprs"].get("HAS_OFFSET") is True

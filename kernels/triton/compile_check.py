@@ -160,6 +160,27 @@ def op_calls(quick: bool):
                     torch.zeros(B, m, dtype=dtype), W, torch.zeros(B, d, dtype=dtype), 0.5, 0.5, 0.1, seed, softmax)
 
 
+def bank_conv_calls(quick: bool):
+    """(description, thunk) pairs for the bank convolution's three launchers: the DT block's
+    convolutions (a shared 1-channel 28x28 input, then 32->64 and 64->128 per block) and the tests'
+    odd channel counts, in every dtype (fp16 takes tl.dot's native path, fp32/bf16 the ieee one)."""
+    from noprop.kernels.triton import bank_conv
+
+    dtypes = (torch.bfloat16, torch.float16) if quick else (torch.float32, torch.float16, torch.bfloat16)
+    convs = [(True, 1, 32, 28), (False, 32, 64, 13), (False, 64, 128, 11)]  # (shared, C, O, H = W)
+    if not quick:
+        convs += [(True, 3, 5, 9), (False, 3, 5, 9)]
+    sizes = ((1, 1), (7, 3)) if quick else tuple(itertools.product((1, 7), (1, 3)))  # (B, T): 1 is a constant
+    for dtype, (shared, C, O, H), (B, T) in itertools.product(dtypes, convs, sizes):
+        x = torch.zeros(B if shared else B * T, C, H, H, dtype=dtype)
+        w, b = torch.zeros(T, O, C, 3, 3, dtype=dtype), torch.zeros(T, O, dtype=dtype)
+        dy = torch.zeros(B * T, O, H - 2, H - 2, dtype=dtype)
+        tag = f"{str(dtype)[6:]} T={T} B={B} {'shared ' if shared else ''}C={C} O={O} {H}x{H}"
+        yield f"bank_conv forward {tag}", lambda: bank_conv.forward(x, w, b, T, shared, (0, 0))
+        yield f"bank_conv input_grad {tag}", lambda: bank_conv.input_grad(dy, x, w, T, shared, (0, 0))
+        yield f"bank_conv weight_grad {tag}", lambda: bank_conv.weight_grad(dy, x, w, T, shared, (0, 0))
+
+
 def launched_kernels() -> set[str]:
     """Names of the Triton kernels in noprop.kernels.triton that launchers launch: every @triton.jit
     function that no other one calls (those are helpers, compiled inside their callers)."""
@@ -179,7 +200,7 @@ def launched_kernels() -> set[str]:
 
 def distinct_launches(quick: bool) -> list[Launch]:
     seen = {}
-    for desc, call in op_calls(quick):
+    for desc, call in itertools.chain(op_calls(quick), bank_conv_calls(quick)):
         launches: list[Launch] = []
         with recording(launches):
             call()

@@ -21,10 +21,16 @@ The 3x3 convolutions over T blocks have three implementations (`CONV_IMPLS`):
 - gemm: unfold (im2col) and one batched matrix multiply over T (`torch.baddbmm`), the form that
   maps onto tensor cores;
 - loop: one convolution per block. On the 2-core development CPU separate convolutions were
-  measured 2-3x faster than one grouped convolution over the blocks (docs/design.md §12).
-`conv_impl(device)` picks: NOPROP_BANK_CONV=grouped|gemm|loop when set, else grouped on CUDA (what
-stacking already ran on the H100) and loop elsewhere. A Triton implicit-GEMM convolution is not
-built: which of these leaves the convolutions too slow needs GPU measurements first.
+  measured 2-3x faster than one grouped convolution over the blocks (docs/design.md §12);
+- triton: Triton implicit-GEMM kernels with the block index on the grid (noprop.kernels.triton.
+  bank_conv), forward and both gradients, fp32 accumulation. They cover stride 1 and dilation 1 in
+  float32/float16/bfloat16 (the DT block's convolutions); any other call runs grouped. They run on
+  CUDA tensors, and on CPU tensors only under TRITON_INTERPRET=1 (the tests).
+`conv_impl(device)` picks: NOPROP_BANK_CONV=grouped|gemm|loop|triton when set, else grouped on CUDA
+(what stacking already ran on the H100) and loop elsewhere. Whether triton beats grouped or gemm
+on a GPU is not measured yet (bench/gpu_check.sh's bench-bank-conv compares them).
+Under autocast the triton impl casts x, weight and bias to autocast's dtype first, as autocast
+does for F.conv2d (autocast does not touch custom ops).
 Linear layers are one `baddbmm` over T (a shared input: one ordinary matmul with T*O outputs).
 """
 from __future__ import annotations
@@ -34,11 +40,12 @@ import os
 import torch
 import torch.nn.functional as F
 
-CONV_IMPLS = ("grouped", "gemm", "loop")
+CONV_IMPLS = ("grouped", "gemm", "loop", "triton")
 CONV_WHY = {"grouped": "one grouped convolution over the blocks",
             "gemm": "unfold + one batched matrix multiply over the blocks",
             "loop": "one convolution per block (on 2 CPU cores separate convolutions beat one grouped, "
-                    "docs/design.md §12)"}
+                    "docs/design.md §12)",
+            "triton": "Triton implicit-GEMM kernels with the block on the grid (not yet measured on a GPU)"}
 
 
 def conv_impl(device) -> str:
@@ -49,7 +56,36 @@ def conv_impl(device) -> str:
         return "grouped" if torch.device(device).type == "cuda" else "loop"
     if name not in CONV_IMPLS:
         raise ValueError(f"NOPROP_BANK_CONV must be auto or one of {', '.join(CONV_IMPLS)}, got {name!r}")
+    if name == "triton":
+        _check_triton(device)
     return name
+
+
+def _check_triton(device) -> None:
+    """ValueError, one line, if the Triton bank convolution cannot run on `device`."""
+    from noprop import dispatch
+
+    device = torch.device(device)
+    reason = dispatch.why_unavailable("triton", device)
+    if reason is None:
+        from noprop.kernels.triton import bank_conv  # imports Triton, compiles nothing
+        reason = bank_conv.device_reason(device)
+    if reason:
+        raise ValueError(f"NOPROP_BANK_CONV=triton cannot run on {device}: {reason}")
+
+
+def _triton_conv2d(x, weight, bias, T, shared, stride, padding, dilation) -> torch.Tensor | None:
+    """The Triton kernels' result, or None for a call they do not cover (the caller runs grouped)."""
+    _check_triton(x.device)
+    from noprop.kernels.triton import bank_conv
+
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+    if bank_conv.unsupported(x, weight, bias, T, shared, stride, padding, dilation):
+        return None
+    return bank_conv.conv2d(x, weight, bias, T, shared, stride, padding, dilation)
 
 
 def _out_size(n: int, k: int, s: int, p: int, d: int) -> int:
@@ -65,6 +101,11 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, T: 
     B = x.shape[0] if shared else x.shape[0] // T
     H, W = x.shape[-2:]
     Ho, Wo = (_out_size(H, kh, stride[0], padding[0], dilation[0]), _out_size(W, kw, stride[1], padding[1], dilation[1]))
+    if impl == "triton":
+        out = _triton_conv2d(x, weight, bias, T, shared, stride, padding, dilation)
+        if out is not None:
+            return out
+        impl = "grouped"
     if impl == "loop":
         # unbind, not weight[t]: its backward is one stack of the T gradients, where T selects would
         # each write a zero-filled [T, ...] gradient
