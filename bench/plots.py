@@ -39,7 +39,9 @@ def _label(r) -> str:
                         "compile" if r.get("compile") else None) if t]
     tail = f"\n[{', '.join(tags)}]" if tags else ""
     if r["method"] != "dt":
-        return r["method"] + graph + ("\n(1 block, not\nequal work)" if r["method"] == "cnn" else "\n(end to end)") + tail
+        if r["method"] == "cnn":
+            return r["method"] + graph + "\n(1 block, not\nequal work)" + tail
+        return r["method"] + graph + ("\n(bank)" if r.get("execution") == "bank" else "\n(end to end)") + tail
     ex = r.get("execution_used") or r.get("execution")
     return f"DT {r['mode']}{graph}\n({ex}){tail}"
 
@@ -71,11 +73,11 @@ def throughput(records, path: Path) -> Path:
     hi = [r.get("samples_per_s_max", v) - v for v, r in zip(vals, recs)]
     _bars(ax, recs, vals, errs=[lo, hi], ratios=[r.get("ratio_to_backprop") for r in recs])
     ax.set_ylabel("training samples / s (higher is better)")
-    graphs = any(r.get("ratio_base") == "backprop+graph" for r in recs)
+    graphs = any((r.get("ratio_base") or "").startswith("backprop+graph") for r in recs)
     ax.set_title("Training throughput, equal work (T block updates per sample)\n"
                  "label: samples/s and ×throughput of backprop (median of side-by-side rounds"
                  + ("; +graph bars: × backprop+graph" if graphs else "")
-                 + ("; ×…*: against backprop of another precision/compile/capture" if any(
+                 + ("; ×…*: against backprop of another precision/compile/capture/stacking" if any(
                      r.get("ratio_unlike") for r in recs) else "") + "); whiskers: min-max", fontsize=9)
     fig.suptitle(_subtitle(recs), fontsize=8, y=0.995)
     fig.tight_layout()

@@ -269,3 +269,16 @@ def test_banked_baseline_replays_equal_its_eager_steps_cuda():
     graphs_tests._assert_replays_equal_eager_steps(
         model, TrainConfig(method="backprop", T=4, cuda_graph=True, device="cuda"), seed=11,
         data=[(x.float(), y) for x, y in data])
+
+
+def test_a_bank_run_one_block_a_call_is_paired_with_the_unstacked_baseline():
+    cases, _ = plan(["dt", "backprop"], ["parallel", "lean"], ["bank"], T=4, chunk_size=2)
+    assert [c.label for c in cases] == ["dt parallel (bank)", "dt lean (bank)", "backprop (bank)", "backprop"]
+    stacked = {"dt parallel (bank)": True, "dt lean (bank)": False, "backprop (bank)": True, "backprop": False}
+    recs = [dict(label=c.label, method=c.method, precision="fp32", execution=c.execution, device="cpu",
+                 execution_used="bank" if c.execution == "bank" else "loop", stacked=stacked[c.label],
+                 ms_per_step=10.0, peak_mem_mb=1.0) for c in cases]
+    add_ratios(recs, {r["label"]: [{"ms_per_step": r["ms_per_step"]}] for r in recs})
+    by = {r["label"]: r for r in recs}
+    assert by["dt lean (bank)"]["ratio_base"] == "backprop" and not by["dt lean (bank)"]["ratio_unlike"]
+    assert by["dt parallel (bank)"]["ratio_base"] == "backprop (bank)"

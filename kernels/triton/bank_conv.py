@@ -22,8 +22,9 @@ Memory traffic (elt = bytes of the inputs' dtype; the weights are small and stay
   wgrad    reads dy once per K tile and the input once per O tile, writes S*T*O*C*kh*kw*4 bytes of
            partials (capped at 32 MiB) and S*T*O*4 of bias partials.
 Accumulation is fp32. fp32 inputs multiply with input_precision="ieee" (no TF32: the float64 error
-rule of the tests holds), and so do bf16 inputs, upcast first (see `_mma`): correct, but without
-bf16 tensor cores. fp16 tiles go to tl.dot as they are; their products are exact in fp32.
+rule of the tests holds). fp16 and bf16 tiles go to tl.dot as they are, on tensor cores; their
+products are exact in fp32. Under the interpreter bf16 tiles are upcast first (`_ieee_dot`): it
+multiplies bf16 tiles wrongly, so the native bf16 dot is tested by the GPU tests only.
 """
 from __future__ import annotations
 
@@ -47,9 +48,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _mma(a, b, acc, F32: tl.constexpr):
-    """acc + a @ b in fp32. F32 (fp32 or bf16 inputs): ieee fp32 products, bf16 upcast first (Triton's
-    interpreter multiplies bf16 tiles wrongly, so a native bf16 dot could not be tested off a GPU);
-    fp16 tiles go to tl.dot as they are (exact products in fp32)."""
+    """acc + a @ b in fp32. F32: ieee fp32 products (fp32 tiles; bf16 under the interpreter, upcast
+    first, see `_ieee_dot`); else the tiles go to tl.dot as they are (exact products in fp32)."""
     if F32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc)
@@ -197,7 +197,7 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, T: int, shared: bool
     g = _geometry(x, weight, T, shared, padding)
     weight = weight.contiguous()
     y = torch.empty((g["B"] * T, g["O"], g["Ho"], g["Wo"]), dtype=x.dtype, device=x.device)
-    f32 = x.dtype != torch.float16
+    f32 = _ieee_dot(x.dtype)
     bm, bn, bk, warps = tiles(g["O"], g["C"] * g["KH"] * g["KW"], f32)
     grid = (triton.cdiv(g["B"] * g["Ho"] * g["Wo"], bm), triton.cdiv(g["O"], bn), T)
     with on_device(x):
@@ -215,7 +215,7 @@ def input_grad(dy: Tensor, x: Tensor, weight: Tensor, T: int, shared: bool, padd
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     chw = g["C"] * g["H"] * g["W"]
     blocks, nt, sdx = (1, T, (chw, 0)) if shared else (T, 1, (T * chw, chw))
-    f32 = x.dtype != torch.float16
+    f32 = _ieee_dot(x.dtype)
     bm, bn, bk, warps = tiles(g["C"], g["O"] * g["KH"] * g["KW"], f32)
     grid = (triton.cdiv(g["B"] * g["H"] * g["W"], bm), triton.cdiv(g["C"], bn), blocks)
     with on_device(x):
@@ -228,6 +228,13 @@ def input_grad(dy: Tensor, x: Tensor, weight: Tensor, T: int, shared: bool, padd
 
 def interpreted() -> bool:
     return type(_bank_conv_fwd).__name__ == "InterpretedFunction"
+
+
+def _ieee_dot(dtype: torch.dtype) -> bool:
+    """Whether tiles of `dtype` multiply as ieee fp32 (fp32; bf16 under the interpreter, which
+    multiplies bf16 tiles wrongly) rather than natively on tensor cores (fp16; bf16 on a GPU, with
+    exact products accumulated in fp32, like fp16)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreted())
 
 
 def tiles(N: int, K: int, f32: bool) -> tuple[int, int, int, int]:
@@ -263,7 +270,7 @@ def weight_grad(dy: Tensor, x: Tensor, weight: Tensor, T: int, shared: bool, pad
     """(dw like weight, db [T, O] in weight's dtype)."""
     g = _geometry(x, weight, T, shared, padding)
     O, KC = g["O"], g["C"] * g["KH"] * g["KW"]
-    f32 = x.dtype != torch.float16
+    f32 = _ieee_dot(x.dtype)
     bo, bk, br, warps = wgrad_tiles(O, KC, f32)
     tiles = (triton.cdiv(O, bo), triton.cdiv(KC, bk))
     target = _WGRAD_PROGRAMS_INTERPRETED if interpreted() else _WGRAD_PROGRAMS

@@ -14,7 +14,7 @@ from noprop.bench.plan import BASELINES, DT_MODES, EXECUTIONS, plan
 from noprop.bench.report import environment, execution_verdict, records_so_far, table, write_outputs
 from noprop.devices import check_threads, usable_device
 from noprop.options import check_ranges
-from noprop.training.config import PRECISIONS, canonical_mode, why_not_precision
+from noprop.training.config import PRECISIONS, canonical_mode, compile_mode_override, why_not_precision
 
 
 def run(opts: dict, methods, modes, executions, log=print, on_progress=None) -> list[dict]:
@@ -134,6 +134,8 @@ def options(args) -> tuple[dict, list, list, list]:
         if m not in ("dt",) + BASELINES:
             raise ValueError(f"--methods: unknown method {m!r} (dt, backprop, cnn)")
     executions = _executions(args.execution, device, threads)
+    if args.compile:
+        compile_mode_override()  # a bad NOPROP_COMPILE_MODE is one line now, not an error in every case
     if args.cuda_graph and ("dt" not in methods or "parallel" not in modes):
         raise ValueError("--cuda-graph captures the dt parallel step: --methods must include dt and --modes parallel")
     return opts, methods, modes, executions

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
-from noprop.bench.plan import Case
+from noprop.bench.plan import STACKED, Case
 from noprop.stages import sync
 from noprop.data import load
 from noprop.models import NoPropDT
 from noprop.training import CapturedStep, Optimizers, TrainConfig, build_model, ready_for_training, train_step
+from noprop.training.compiling import compile_mode
 from noprop.training.config import blocks_per_step
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -189,13 +190,17 @@ def measure(case: Case, opts: dict, saved: bool = True) -> dict:
         with meter.hooks():
             step()
         out["saved_mb"] = meter.peak / 2**20
+    if case.compile:
+        out["compile_mode"] = compile_mode(device) or "default"
     if not case.graph and not case.compile:  # neither a replay nor a compiled graph shows its ops to the counter
         out["flop_per_step"] = flop_per_step(step)
     if is_dt:
-        k = blocks_per_step(case.mode, model.T, cfg.chunk_size)
-        out["execution_used"] = model.resolve_execution(range(1, max(1, min(k, model.T)) + 1), device)
+        k = max(1, min(blocks_per_step(case.mode, model.T, cfg.chunk_size), model.T))
+        out["execution_used"] = model.resolve_execution(range(1, k + 1), device)
+        out["stacked"] = out["execution_used"] in STACKED and k >= 2  # a bank run one block a call stacks nothing
     else:
         out["execution_used"] = ("bank" if model.is_bank else "loop") if hasattr(model, "is_bank") else "-"
+        out["stacked"] = out["execution_used"] == "bank"
     if device.type == "cuda":
         out["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         out["peak_mem_kind"] = "torch.cuda.max_memory_allocated"

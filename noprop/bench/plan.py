@@ -19,12 +19,19 @@ LIKE = TREATMENT + ("stacked",)
 STACKED = ("vmap", "bank")  # executions (as resolved) that run blocks as one stacked computation
 
 
-def backprop_executions(methods, executions, T: int, device) -> list[str]:
-    """The backprop baseline's executions that give each DT execution a like-for-like partner: 'bank'
-    for one that stacks on `device`, 'loop' for one that does not (without dt: what 'auto' is here)."""
-    wanted = executions if "dt" in methods else ["auto"]
-    return list(dict.fromkeys("bank" if engine.resolve_identical(ex, T, device) in STACKED else "loop"
-                              for ex in wanted))
+def stacks(execution: str, blocks_per_call: int, device) -> bool:
+    """Whether `blocks_per_call` identical blocks run as one stacked computation with `execution` on
+    `device` (one block per call, as in lean and sequential steps, stacks nothing, bank or not)."""
+    return blocks_per_call >= 2 and engine.resolve_identical(execution, blocks_per_call, device) in STACKED
+
+
+def backprop_executions(methods, modes, executions, T: int, chunk_size: int, device) -> list[str]:
+    """The backprop baseline's executions that give each DT case a like-for-like partner: 'bank' for
+    one that stacks on `device`, 'loop' for one that does not (without dt: what 'auto' is here)."""
+    if "dt" not in methods:
+        return ["bank" if stacks("auto", T, device) else "loop"]
+    return list(dict.fromkeys("bank" if stacks(ex, blocks_per_step(mode, T, chunk_size), device) else "loop"
+                              for mode in modes for ex in executions))
 
 
 @dataclass
@@ -67,7 +74,8 @@ def plan(methods, modes, executions, T: int, chunk_size: int, cuda_graph: bool =
     unusable for what follows). A dt graph case is then compared with backprop+graph: replay against replay.
     backprop runs in each of `backprop_executions` (its bank where a DT execution stacks on `device`)."""
     eager, notes, compiled, graphs = [], [], [], []
-    baseline_executions = {"backprop": backprop_executions(methods, executions, T, device), "cnn": ["-"]}
+    baseline_executions = {"backprop": backprop_executions(methods, modes, executions, T, chunk_size, device),
+                           "cnn": ["-"]}
     for precision in precisions:
         for method in methods:
             if method in BASELINES:

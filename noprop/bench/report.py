@@ -18,7 +18,8 @@ from noprop.atomic import write_text_atomically
 from noprop.bench.plan import DT_MODES, EXECUTIONS, LIKE, STACKED, TREATMENT, Case
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-CSV_COLUMNS = ("method", "mode", "execution", "execution_used", "cuda_graph", "precision", "compile", "device",
+CSV_COLUMNS = ("method", "mode", "execution", "execution_used", "stacked", "cuda_graph", "precision", "compile",
+               "compile_mode", "device",
                "device_name", "batch", "T", "chunk_size", "threads", "steps", "repeats", "ms_per_step", "ms_min",
                "ms_max", "ms_q25", "ms_q75", "ms_all", "samples_per_s", "samples_per_s_min", "samples_per_s_max",
                "ms_per_block_update", "flop_per_step", "tflops", "pct_of_bf16_peak", "ratio_to_backprop", "ratio_base", "ratio_unlike", "mem_ratio_to_backprop",
@@ -67,7 +68,7 @@ def environment(device: torch.device, threads: int) -> dict:
     return {"device": device.type, "device_name": device_name(device), "threads": threads,
             "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
             "python": platform.python_version(), "backend": os.environ.get("NOPROP_BACKEND", "auto"),
-            "loadavg_1min": _loadavg(), "compile_mode": os.environ.get("NOPROP_COMPILE_MODE") or "per device",
+            "loadavg_1min": _loadavg(),
             "commit": commit, "dirty": bool(status) if status is not None else None,
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
@@ -131,7 +132,8 @@ def summarise(case: Case, runs: list[dict], opts: dict, env: dict) -> dict:
                rss_base_mb=min(r["rss_base_mb"] for r in ok), nvml_mem_mb=max(nvml) if nvml else None,
                reserved_mem_mb=max(reserved) if reserved else None,
                saved_mb=saved[0] if saved else None, execution_used=ok[0]["execution_used"],
-               flop_per_step=flops[0] if flops else None)
+               flop_per_step=flops[0] if flops else None, stacked=ok[0].get("stacked"),
+               compile_mode=ok[0].get("compile_mode"))
     if len(ok) < len(runs):
         rec["error"] = f"{len(runs) - len(ok)} of {len(runs)} repeats failed: {next(r for r in runs if 'error' in r)['error']}"
     return rec
@@ -146,8 +148,10 @@ def _treatment(rec: dict) -> tuple:
 
 
 def _like(rec: dict) -> tuple:
-    """The record's treatment and whether its blocks ran stacked (plan.LIKE's order)."""
-    return _treatment(rec) + (rec.get("execution_used") in STACKED,)
+    """The record's treatment and whether its blocks ran stacked (plan.LIKE's order; records without
+    `stacked` say it by their execution)."""
+    stacked = rec["stacked"] if rec.get("stacked") is not None else rec.get("execution_used") in STACKED
+    return _treatment(rec) + (bool(stacked),)
 
 
 _WORDS = {"compile": ("compiled", "eager"), "graph": ("graph", "eager"), "stacked": ("stacked", "unstacked")}

@@ -27,26 +27,20 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 
 from noprop.models import NoPropDT
-from noprop.training.config import TrainConfig, blocks_per_step
+from noprop.training.config import TrainConfig, blocks_per_step, compile_mode_override
 
 _ATTR = "_noprop_compiled"  # set on a model this module compiled: (mode, graphs)
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
 def compile_mode(device) -> str | None:
     """torch.compile's mode for a step on `device` (None: its default). NOPROP_COMPILE_MODE overrides
-    it (e.g. `default` where max-autotune's timing of every template would take too long)."""
-    chosen = os.environ.get("NOPROP_COMPILE_MODE", "").strip()
+    it (config.COMPILE_MODES; `default` where max-autotune's timing of every template would take too long)."""
+    chosen = compile_mode_override()
     if chosen:
-        if chosen not in COMPILE_MODES:
-            raise ValueError(f"NOPROP_COMPILE_MODE must be one of {', '.join(COMPILE_MODES)}, got {chosen!r}")
         return None if chosen == "default" else chosen
     return "max-autotune-no-cudagraphs" if torch.device(device).type == "cuda" else None
 

@@ -19,6 +19,7 @@ graph on the first batch and replayed for every batch of that shape (training/gr
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 
 from noprop import engine
@@ -67,13 +68,32 @@ def why_not_precision(precision: str, device: str, method: str = "dt") -> str | 
     return None
 
 
+# torch.compile modes NOPROP_COMPILE_MODE may name: not the ones with inductor's own CUDA graphs
+# (reduce-overhead, max-autotune), which would capture inside --cuda-graph's capture.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def compile_mode_override() -> str | None:
+    """NOPROP_COMPILE_MODE (checked), or None when unset."""
+    chosen = os.environ.get("NOPROP_COMPILE_MODE", "").strip()
+    if chosen and chosen not in COMPILE_MODES:
+        raise ValueError(f"NOPROP_COMPILE_MODE must be one of {', '.join(COMPILE_MODES)} (modes with inductor's own "
+                         f"CUDA graphs would capture inside --cuda-graph's), got {chosen!r}")
+    return chosen or None
+
+
 def why_not_compile(method: str, execution: str) -> str | None:
     """None if `compile` can apply to this run, else why not (one line)."""
     if method not in COMPILE_METHODS:
         return f"--compile compiles the blocks of {', '.join(COMPILE_METHODS)}; got --method {method}"
     if execution == "threads":
+        others = "'loop', 'bank' or 'auto'" if method == "backprop" else "'loop', 'vmap' or 'auto'"
         return ("--compile cannot take execution 'threads': a compiled step runs its blocks on the calling thread "
-                "(the engine spawns no threads under torch.compile); use execution 'loop', 'vmap' or 'auto'")
+                f"(the engine spawns no threads under torch.compile); use execution {others}")
+    try:
+        compile_mode_override()
+    except ValueError as exc:
+        return str(exc)
     return None
 
 
