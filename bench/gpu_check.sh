@@ -42,12 +42,19 @@ while (( $# )); do
   case "$1" in
     --dry-run|--cpu) DRY=1 ;;
     --pack) PACK=${2:?--pack needs a folder}; shift ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $1" >&2; exit 2 ;;
     *) OUT=$1 ;;
   esac
   shift
 done
+
+if [[ -n ${GPU_CHECK_ONLY:-} ]]; then  # a misspelt name would skip every step and still exit 0
+  KNOWN=" $(grep -oE '^ *(step|skip) [a-z0-9-]+' "$0" | awk '{print $2}' | sort -u | tr '\n' ' ') "
+  for name in $GPU_CHECK_ONLY; do
+    [[ $KNOWN == *" $name "* ]] || { echo "gpu_check: GPU_CHECK_ONLY names no step '$name' (steps:$KNOWN)" >&2; exit 2; }
+  done
+fi
 
 START=$(date +%s)
 now() { echo $(( $(date +%s) - START )); }

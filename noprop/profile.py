@@ -8,8 +8,10 @@ Output: a Chrome trace (DIR/trace.json, open in chrome://tracing or ui.perfetto.
 Time by kind: each operator's self time (device time on a GPU: the kernels it launched itself, not
 through other operators; CPU time on a CPU), summed per kind (`KINDS`: convolutions, matmuls, the
 fused NoProp ops, the optimizer, copies, other aten work such as elementwise, normalisation and
-pooling, and the rest: autograd and Python between operators). Self times add up without counting
-anything twice, so the shares are of the profiled steps' operator time.
+pooling, and the rest: autograd and Python between operators on a CPU, kernels launched outside any
+operator on a GPU). Self times add up without counting anything twice, so the shares are of the
+profiled steps' operator time. On a CPU the eager fused ops' inner aten calls count as their own
+kinds, so "NoProp fused ops" there is the ops' own overhead; on a GPU it is their kernels.
 
 Operator calls per training step: a device-independent figure of a step's overhead (each call is a
 dispatch and, on a GPU, at least one launch). One more step after the profiled ones runs under
@@ -81,7 +83,7 @@ _MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matm
 _COPIES = ("aten::copy_", "aten::cat", "aten::stack", "aten::clone", "aten::contiguous", "aten::_to_copy",
            "aten::unbind", "aten::index_select")
 KINDS = (
-    ("convolutions", lambda n: "conv" in n or n in ("aten::im2col", "aten::col2im")),
+    ("convolutions", lambda n: "convolution" in n or "conv2d" in n or n in ("aten::im2col", "aten::col2im")),
     ("matmuls (Linear, bmm)", lambda n: n in _MATMULS),
     ("NoProp fused ops", lambda n: n.startswith("noprop::")),
     ("optimizer", lambda n: "adam" in n.lower() or n.startswith("aten::_foreach") or n.startswith("Optimizer.")),

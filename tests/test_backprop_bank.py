@@ -186,6 +186,8 @@ def test_execution_of_the_baseline_from_the_config():
     for bad in ("vmap", "threads"):
         with pytest.raises(ValueError, match=f"execution '{bad}': backprop's blocks run one after another"):
             TrainConfig(method="backprop", execution=bad)
+        # a checkpoint's config that said so (the baseline ignored it and looped) still loads
+        assert TrainConfig.from_dict({"method": "backprop", "execution": bad}).execution == "loop"
 
 
 def test_cli_refuses_a_stacking_the_chain_cannot_take(capsys, tmp_path):

@@ -75,8 +75,8 @@ def environment(device: torch.device, threads: int) -> dict:
 
 # Dense (not sparse) bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, by a part of the
 # device name; the first match wins, so more specific names come first.
-BF16_DENSE_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4),
-                          ("A100", 312.0))
+BF16_DENSE_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200 NVL", 835.0),
+                          ("H200", 989.4), ("A100", 312.0))
 
 
 def bf16_dense_peak_tflops(name: str) -> float | None:

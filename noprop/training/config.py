@@ -227,6 +227,8 @@ class TrainConfig:
         d = dict(d)
         if "schedule" in d and "mode" not in d:
             d["mode"] = d.pop("schedule")
+        if d.get("method") == "backprop" and d.get("execution") in ("vmap", "threads"):
+            d["execution"] = "loop"  # what such a run did: the baseline ran its blocks one by one whatever this said
         return cls(**{k: v for k, v in d.items() if k in known})
 
     @property

@@ -26,7 +26,7 @@ from noprop.training import dist_checkpoint
 from noprop.training.build import apply_execution, build_model, check_model_matches
 from noprop.training.config import TrainConfig
 from noprop.training.distributed import (DEFAULT_TIMEOUT_S, WHY_NOT_GRAPH, WHY_NOT_SEQUENTIAL, BlockParallelStep, Comm,
-                                          active, check_same_setup, data_fingerprint, gather_blocks, make_layout,
+                                          active, check_same_setup, gather_blocks, make_layout,
                                           rank_device)
 from noprop.training import loop
 from noprop.training.loop import (_check_finite_parameters, _check_resumable, _train_epoch, check_not_overwriting,
@@ -108,8 +108,9 @@ def fit_distributed(cfg: TrainConfig, split, checkpoint_path=None, metrics_path=
     check_not_overwriting(checkpoint_path, resume, overwrite)
     layout = make_layout(cfg.T, dp, device, timeout_s)
     comm = Comm(layout)
-    check_same_setup(cfg, layout, comm, data_fingerprint(split))
-    data_id = fingerprint(split)  # recorded in the folder and checked on resume, as in loop.fit
+    data_id = fingerprint(split)  # the same on every rank; recorded in the folder and checked on resume
+    check_same_setup(cfg, layout, comm, {"name": split.name, "train": len(split.train), "test": len(split.test),
+                                         "fingerprint": data_id})
     rank0 = layout.rank == 0
     torch.manual_seed(cfg.seed)  # every rank builds the same initial model as one process would
     if model is None:

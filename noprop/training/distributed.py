@@ -129,14 +129,6 @@ def check_same_setup(cfg: TrainConfig, layout: Layout, comm: Comm, data: dict) -
                      + "; launch every rank with the same arguments")
 
 
-def data_fingerprint(split) -> dict:
-    """Cheap identity of a split: sizes, shape, classes and a hash of labels and a sample of pixels."""
-    h = hashlib.sha256(split.train.labels.numpy().tobytes())
-    h.update(split.train.images.flatten()[::997].contiguous().numpy().tobytes())
-    return {"name": split.name, "train": len(split.train), "test": len(split.test),
-            "shape": list(split.image_shape), "classes": split.num_classes, "sha256": h.hexdigest()[:16]}
-
-
 @dataclass
 class BlockParallelStep:
     """One block-parallel update; called like loop._Stepper with the GLOBAL minibatch (every rank
