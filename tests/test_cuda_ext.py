@@ -271,16 +271,22 @@ def test_noise_inject_backward_dW_is_full_float32_whatever_the_matmul_precision(
     # "high" lets float32 matmuls run in TF32 (10-bit mantissas): dW must not change with it.
     x, _, seed = _case(K, B, m, d, torch.float32, False, gpu)
     args = (x["gz"], x["W"], x["y"], x["sa"], x["s1m"], seed)
-    before = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("highest")
-        full = cuda_ext.noise_inject_backward(*args)
-        torch.set_float32_matmul_precision("high")
-        tf32_allowed = cuda_ext.noise_inject_backward(*args)
-    finally:
-        torch.set_float32_matmul_precision(before)
+    full, tf32_allowed = _at_matmul_precisions(lambda: cuda_ext.noise_inject_backward(*args), "highest", "high")
     for a, b in zip(full, tf32_allowed):
         assert torch.equal(a, b)
+
+
+def _at_matmul_precisions(call, *precisions):
+    """call()'s result under each float32 matmul precision in turn (the global setting restored)."""
+    before = torch.get_float32_matmul_precision()
+    out = []
+    try:
+        for precision in precisions:
+            torch.set_float32_matmul_precision(precision)
+            out.append(call())
+    finally:
+        torch.set_float32_matmul_precision(before)
+    return out
 
 
 # local_loss's dW = qᵀ · gr (ordered_sum.cu): per-chunk FMA chains over the rows in order, then the
@@ -312,15 +318,8 @@ def test_local_loss_backward_dW_is_full_float32_whatever_the_matmul_precision(gp
     # "high" lets float32 matmuls run in TF32 (10-bit mantissas): a cuBLAS dW changed with it.
     x, _, _ = _case(K, B, m, d, torch.float32, False, gpu)
     args = (x["gl"], x["logits"], x["W"], x["y"], x["weight"], x["gz"][0], softmax)
-    before = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("highest")
-        full = cuda_ext.local_loss_backward(*args)
-        torch.set_float32_matmul_precision("high")
-        tf32_allowed = cuda_ext.local_loss_backward(*args)
-        tf32_again = cuda_ext.local_loss_backward(*args)
-    finally:
-        torch.set_float32_matmul_precision(before)
+    full, tf32_allowed, tf32_again = _at_matmul_precisions(lambda: cuda_ext.local_loss_backward(*args),
+                                                           "highest", "high", "high")
     for name, a, b, c in zip(("dlogits", "dW", "dweight"), full, tf32_allowed, tf32_again):
         assert torch.equal(a, b) and torch.equal(b, c), name
 
