@@ -1,5 +1,4 @@
 import copy
-
 import warnings
 
 import pytest
