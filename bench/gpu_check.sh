@@ -171,7 +171,7 @@ if [[ $DRY == 0 ]]; then
   # steps, and the banked backprop baseline replayed (the Triton bank convolution's tests run in the
   # background with the other Triton tests).
   step tests-bank-gpu 90 env TRITON_INTERPRET=0 NOPROP_BACKEND=auto "$PYTHON" -m pytest -q --maxfail=10 -p no:cacheprovider \
-    -o faulthandler_timeout=60 -k cuda tests/test_bank_layers.py tests/test_bank.py tests/test_backprop_bank.py
+    -o faulthandler_timeout=60 -k "cuda and not triton" tests/test_bank_layers.py tests/test_bank.py tests/test_backprop_bank.py
   # Collect the background Triton test runs (their logs: tests-triton-<op>.log).
   step tests-triton "$TRITON_LIMIT" bash -c 'rc=0; for op in $1; do
       while [[ ! -f "$0/tests-triton-$op.rc" ]]; do sleep 1; done
