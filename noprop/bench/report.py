@@ -22,8 +22,8 @@ CSV_COLUMNS = ("method", "mode", "execution", "execution_used", "stacked", "cuda
                "compile_mode", "device",
                "device_name", "batch", "T", "chunk_size", "threads", "steps", "repeats", "ms_per_step", "ms_min",
                "ms_max", "ms_q25", "ms_q75", "ms_all", "samples_per_s", "samples_per_s_min", "samples_per_s_max",
-               "ms_per_block_update", "flop_per_step", "tflops", "pct_of_bf16_peak", "ratio_to_backprop", "ratio_base", "ratio_unlike", "mem_ratio_to_backprop",
-               "saved_ratio_to_backprop", "peak_mem_mb",
+               "ms_per_block_update", "flop_per_step", "tflops", "pct_of_bf16_peak", "ratio_to_backprop",
+               "ratio_base", "ratio_unlike", "mem_ratio_to_backprop", "saved_ratio_to_backprop", "peak_mem_mb",
                "peak_mem_kind", "rss_base_mb", "reserved_mem_mb", "nvml_mem_mb", "saved_mb", "equal_work", "isolated", "torch",
                "cuda", "triton", "backend", "data", "loadavg_1min", "commit", "dirty", "timestamp", "error")
 
