@@ -55,7 +55,8 @@ class Case:
         tags = [t for t in (self.precision if self.precision != "fp32" else "", "compile" if self.compile else "") if t]
         tail = f" [{', '.join(tags)}]" if tags else ""
         if self.method != "dt":
-            return self.method + ("+graph" if self.graph else "") + (" (bank)" if self.execution == "bank" else "") + tail
+            bank = " (bank)" if self.execution == "bank" else ""
+            return self.method + ("+graph" if self.graph else "") + bank + tail
         return f"dt {self.mode}" + ("+graph" if self.graph else "") + \
             ("" if self.execution in ("auto", "-") else f" ({self.execution})") + tail
 

@@ -60,11 +60,11 @@ def check_model_matches(model, cfg: TrainConfig) -> None:
 
 
 def apply_execution(model, cfg: TrainConfig, separate: bool = False) -> None:
-    """Give a NoProp-DT (or backprop baseline) model the execution `cfg` asks for on cfg.device: the config owns the choice
-    for a run, whether fit built the model or the user brought it (a bank, or separate blocks, as it
-    resolves: before the optimizers are built; separate=True: separate modules whatever it resolves
-    to, see NoPropDT.set_execution). An explicit choice the blocks cannot take (vmap or bank on
-    blocks of different structure) raises here, before any training."""
+    """Give a NoProp-DT (or backprop baseline) model the execution `cfg` asks for on cfg.device: the
+    config owns the choice for a run, whether fit built the model or the user brought it (a bank, or
+    separate blocks, as it resolves: before the optimizers are built; separate=True: separate
+    modules whatever it resolves to, see NoPropDT.set_execution). An explicit choice the blocks
+    cannot take (vmap or bank on blocks of different structure) raises here, before any training."""
     if isinstance(model, BackpropDT):
         model.set_execution(cfg.effective_execution, cfg.device)
         return
