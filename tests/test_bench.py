@@ -242,6 +242,21 @@ def test_flop_per_step_counts_the_dt_blocks_arithmetic():
     assert 548e6 < 10 * per_block_sample < 550e6
 
 
+@pytest.mark.parametrize("execution,conv", [("vmap", None), ("bank", "grouped"), ("bank", "gemm")])
+def test_flop_per_step_is_the_same_arithmetic_however_the_blocks_run(monkeypatch, execution, conv):
+    """vmap and the bank's grouped layers run grouped convolutions, whose backward torch's own formula
+    counts `groups` times over: the step's count must stay the per-block one."""
+    from noprop.bench.measure import flop_per_step
+
+    def count(ex):
+        _, _, step = bench.step_factory(bench.Case("dt", "parallel", ex), "mnist5k", 2, 3, 2, torch.device("cpu"))
+        return flop_per_step(step)
+
+    if conv:
+        monkeypatch.setenv("NOPROP_BANK_CONV", conv)
+    assert count(execution) == count("loop")
+
+
 def test_tflops_and_share_of_peak_borrow_the_eager_count():
     recs = [{"label": "dt parallel", "method": "dt", "mode": "parallel", "ms_per_step": 10.0, "flop_per_step": 2e12,
              "device": "cuda", "device_name": "NVIDIA H100 80GB HBM3"},

@@ -179,3 +179,20 @@ def test_a_block_bank_on_the_triton_convolution_equals_the_per_block_loop(monkey
         results.append((out.local.detach(), {n: g.clone() for n, g in grads_per_block(bank).items()}))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-7)
     assert_grads_close_per_block(results[1][1], results[0][1])
+
+
+def test_bench_counts_the_triton_convolution_as_the_per_block_one():
+    """noprop bench's TFLOP/s: the custom ops count what the per-block convolutions count (torch's
+    FlopCounterMode would count them 0)."""
+    from noprop.bench.measure import flop_per_step
+
+    T, B = 3, 2
+    x = torch.randn(B * T, 4, 7, 6)
+    w = torch.randn(T, 5, 4, 3, 3, requires_grad=True)
+    b = torch.randn(T, 5, requires_grad=True)
+
+    def step(impl, shared_x):
+        L.conv2d(shared_x, w, b, T, shared_x.shape[0] == B, impl).square().sum().backward()
+
+    for shared_x in (x, x[:B]):
+        assert flop_per_step(lambda: step("triton", shared_x)) == flop_per_step(lambda: step("loop", shared_x)) > 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import resource
 import subprocess
@@ -151,14 +152,45 @@ def step_factory(case: Case, data: str, batch: int, T: int, chunk_size: int, dev
     return model, cfg, step
 
 
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, *args, **kwargs) -> int:
+    """Operations of aten.convolution_backward: the input gradient and the weight gradient each take
+    the forward's multiply-adds, numel(out) x C/groups x kh x kw (transposed: numel(in) x ...).
+    torch's own formula leaves out `groups`, so it counts a grouped convolution's backward (the bank's
+    grouped layers, vmap's batched ones) several times over."""
+    macs = math.prod(x_shape if transposed else grad_out_shape) * math.prod(w_shape[1:])
+    return 2 * macs * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def _bank_conv_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """Operations of a noprop::bank_conv2d call (or of one of its gradients, which take as many):
+    numel(out) x C x kh x kw multiply-adds, weight [T, O, C, kh, kw]."""
+    B_T = (x_shape[0] if not args[2] else x_shape[0] * w_shape[0])  # args: bias, T, shared, padding
+    Ho, Wo = (n + 2 * p - k + 1 for n, p, k in zip(x_shape[-2:], args[3], w_shape[-2:]))
+    return 2 * B_T * w_shape[1] * Ho * Wo * math.prod(w_shape[2:])
+
+
+def _flop_formulas() -> dict:
+    mapping = {torch.ops.aten.convolution_backward: _conv_backward_flop}
+    try:
+        noprop_ops = torch.ops.noprop
+        mapping[noprop_ops.bank_conv2d] = _bank_conv_flop
+        mapping[noprop_ops.bank_conv2d_input_grad] = lambda dy, x, w, *a, **k: _bank_conv_flop(x, w, None, *a)
+        mapping[noprop_ops.bank_conv2d_weight_grad] = lambda dy, x, w, *a, **k: _bank_conv_flop(x, w, None, *a)
+    except (AttributeError, RuntimeError):  # the Triton bank convolution is not registered here
+        pass
+    return mapping
+
+
 def flop_per_step(step) -> int:
-    """Floating-point operations of one `step()` (forward, backward, optimizer), as torch's
-    FlopCounterMode counts them: matmuls and convolutions (2 per multiply-add); elementwise work and
-    the fused NoProp ops count 0. The same arithmetic for every execution, precision and capture of a
-    method and mode (block threads see the mode and run the step's blocks in a loop)."""
+    """Floating-point operations of one `step()` (forward, backward, optimizer) as torch's
+    FlopCounterMode counts them, with a convolution backward that respects `groups` and the Triton bank
+    convolution counted: matmuls and convolutions, 2 per multiply-add; elementwise work and the fused
+    NoProp ops count 0. The same arithmetic for every execution, precision and capture of a method and
+    mode (block threads see the mode and run the step's blocks in a loop)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_flop_formulas()) as counter:
         step()
     return int(counter.get_total_flops())
 
