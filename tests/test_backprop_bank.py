@@ -284,3 +284,31 @@ def test_a_bank_run_one_block_a_call_is_paired_with_the_unstacked_baseline():
     by = {r["label"]: r for r in recs}
     assert by["dt lean (bank)"]["ratio_base"] == "backprop" and not by["dt lean (bank)"]["ratio_unlike"]
     assert by["dt parallel (bank)"]["ratio_base"] == "backprop (bank)"
+
+
+@pytest.mark.parametrize("saved_as,resumed_as", [("loop", "bank"), ("bank", "loop")])
+def test_training_resumes_across_executions(saved_as, resumed_as):
+    """A checkpoint (model and optimizer state, per-block layout) written by one execution resumes in
+    the other and continues as the run that saved it would have."""
+    from noprop.training import Optimizers, train_step
+
+    loop, bank = _pair(T=3)
+    models = {"loop": loop, "bank": bank}
+    cfg = TrainConfig(method="backprop", T=3, lr=1e-2)
+    saver = models[saved_as]
+    opts = Optimizers(saver, cfg)
+    for step in range(2):
+        torch.manual_seed(step)
+        train_step(saver, opts, *_data(8, seed=step))
+    model_state, opt_state = copy.deepcopy(saver.state_dict()), copy.deepcopy(opts.state_dict())
+    resumer = copy.deepcopy(models[resumed_as])
+    resumer.load_state_dict(model_state)
+    resumed_opts = Optimizers(resumer, cfg)
+    resumed_opts.load_state_dict(opt_state)
+    for model, o in ((saver, opts), (resumer, resumed_opts)):
+        torch.manual_seed(9)
+        train_step(model, o, *_data(8, seed=9))
+    a, b = _per_block(saver), _per_block(resumer)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-9, atol=1e-9, msg=name)
+    assert len(opts.state_dict()[-1]["state"]) == len(resumed_opts.state_dict()[-1]["state"])

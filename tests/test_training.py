@@ -1,5 +1,4 @@
 import copy
-import warnings
 
 import pytest
 import torch
@@ -188,9 +187,7 @@ def test_fit_applies_cfg_execution_to_a_model_the_user_brings(monkeypatch, broug
         model.execution = brought
         split = synthetic((1, 4, 4), num_classes=5, train_size=32, test_size=8)
         cfg = TrainConfig(T=model.T, epochs=1, batch_size=16, execution=asked)
-        with warnings.catch_warnings():  # tiny_dt's blocks hold torch's Dropout: threads warn about that, as they should
-            warnings.filterwarnings("ignore", "block 1 .* uses torch.nn.Dropout", UserWarning)
-            fit(cfg, split, model=model, progress=False, log=lambda s: None)
+        fit(cfg, split, model=model, progress=False, log=lambda s: None)
     finally:
         torch.set_num_threads(previous)
     assert model.execution == asked

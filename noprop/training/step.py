@@ -35,8 +35,9 @@ class Optimizers:
     per element) when every block trains on every step. Sequential leaves blocks out, so there each
     block's AdamW runs over leaves that alias its rows (`NoPropDT.block_parameters`), their gradients
     pointed at the rows of the bank's before each step: blocks not trained are not touched. Saved
-    optimizer state always has the per-block layout (`state_dict` splits a bank's rows), so a
-    checkpoint resumes with or without a bank.
+    optimizer state always has the per-block layout (`state_dict` splits a bank's rows, wherever they
+    sit among the optimizer's parameters: first for NoPropDT, after the mixing weights for the
+    backprop baseline), so a checkpoint resumes with or without a bank.
     capturable (default: cfg.cuda_graph) builds them capturable, as a CUDA graph of the step needs
     (training/graphs.py); only on CUDA, and kept through `load_state_dict`.
     blocks (1-based; None = all): the blocks this process trains, when the others are trained
@@ -53,7 +54,7 @@ class Optimizers:
                 raise ValueError(f"capturable optimizers (for CUDA graphs) need the model on a CUDA device, got {device}")
             kw["capturable"] = True
         self.blocks = []
-        self.bank = model.blocks if isinstance(model, NoPropDT) and model.is_bank else None
+        self.bank = model.blocks if getattr(model, "is_bank", False) else None  # NoPropDT or BackpropDT
         if self.bank is not None and blocks is not None:
             raise ValueError("Optimizers(blocks=...) steps some blocks of a model whose blocks are separate "
                              "modules; this model holds them in one bank (NoPropDT.set_execution(..., separate=True))")
@@ -96,17 +97,24 @@ class Optimizers:
     def all(self):
         return self.blocks + [self.shared]
 
+    def _bank_layout(self) -> tuple[int, int, int, int]:
+        """(T, P, start, total): the bank's T blocks of P tensors sit at positions start .. start+P-1 of
+        the shared optimizer's parameters (over all its groups), `total` of them."""
+        flat = [id(p) for g in self.shared.param_groups for p in g["params"]]
+        start = flat.index(id(next(self.bank.parameters())))
+        return len(self.bank), _count(self.bank), start, len(flat)
+
     def state_dict(self):
         states = [opt.state_dict() for opt in self.all()]
         if self.bank is not None and not self.blocks:
-            states[-1] = _bank_state_per_block(states[-1], len(self.bank), _count(self.bank))
+            states[-1] = _bank_state_per_block(states[-1], *self._bank_layout()[:3])
         return states
 
     def load_state_dict(self, states):
         if len(states) != len(self.all()):
             raise ckpt.CheckpointError("checkpoint optimizer state does not match this model and training mode")
         if self.bank is not None and not self.blocks:
-            states = states[:-1] + [_per_block_state_banked(states[-1], len(self.bank), _count(self.bank))]
+            states = states[:-1] + [_per_block_state_banked(states[-1], *self._bank_layout())]
         for opt, st in zip(self.all(), states):
             opt.load_state_dict(st)
             for group in opt.param_groups:  # the checkpoint's groups carry the flag of the run that saved them
@@ -125,47 +133,59 @@ def _row(value, t):
     return (value if t is None or value.dim() == 0 else value[t]).clone()
 
 
-def _bank_state_per_block(state: dict, T: int, P: int) -> dict:
-    """An AdamW state_dict over (bank's P [T, ...] tensors, shared ...) in the layout of T separate
-    blocks (block 1's P tensors, block 2's, ..., shared ...): rows copied out, step counts repeated."""
+def _bank_state_per_block(state: dict, T: int, P: int, start: int) -> dict:
+    """An AdamW state_dict whose parameters hold the bank's P [T, ...] tensors at positions start ..
+    start+P-1 in the layout of T separate blocks there instead (block 1's P tensors, block 2's, ...;
+    the positions after them shifted by (T-1)·P): rows copied out, step counts repeated."""
+    def per_block(i):
+        if i < start:
+            return [i]
+        if i < start + P:
+            return [start + t * P + i - start for t in range(T)]
+        return [i + (T - 1) * P]
+
     per = {}
-    for j, st in state["state"].items():
-        if j < P:
-            for t in range(T):
-                per[t * P + j] = {k: _row(v, t) for k, v in st.items()}
+    for i, st in state["state"].items():
+        if start <= i < start + P:
+            for t, k in enumerate(per_block(i)):
+                per[k] = {name: _row(v, t) for name, v in st.items()}
         else:
-            per[(T - 1) * P + j] = st
+            per[per_block(i)[0]] = st
     groups = [dict(g) for g in state["param_groups"]]
-    groups[0]["params"] = list(range(T * P))
-    for g in groups[1:]:
-        g["params"] = [i + (T - 1) * P for i in g["params"]]
+    for g in groups:
+        g["params"] = sorted(k for i in g["params"] for k in per_block(i))
     return {"state": per, "param_groups": groups}
 
 
-def _per_block_state_banked(state: dict, T: int, P: int) -> dict:
-    """The inverse of `_bank_state_per_block`; a state already in the bank's layout is returned as is."""
-    groups = [dict(g) for g in state["param_groups"]]
-    if len(groups[0]["params"]) == P:
+def _per_block_state_banked(state: dict, T: int, P: int, start: int, total: int) -> dict:
+    """The inverse of `_bank_state_per_block` for an optimizer over `total` parameters; a state already
+    in the bank's layout is returned as is."""
+    saved = sum(len(g["params"]) for g in state["param_groups"])
+    if saved == total:
         return state
-    if len(groups[0]["params"]) != T * P:
+    if saved != total + (T - 1) * P:
         raise ckpt.CheckpointError("checkpoint optimizer state does not match this model's blocks")
+
+    def banked_index(k):
+        return k if k < start else start + (k - start) % P if k < start + T * P else k - (T - 1) * P
+
     banked = {}
     for j in range(P):
-        rows = [state["state"].get(t * P + j) for t in range(T)]
+        rows = [state["state"].get(start + t * P + j) for t in range(T)]
         if all(r is None for r in rows):
             continue
         if any(r is None for r in rows) or any(not torch.equal(torch.as_tensor(r["step"]), torch.as_tensor(rows[0]["step"]))
                                                  for r in rows):
             raise ckpt.CheckpointError("checkpoint optimizer state: the blocks were stepped unequally, so their state "
                                        "cannot be one optimizer over a bank (resume with execution loop or threads)")
-        banked[j] = {k: torch.stack([r[k] for r in rows]) if torch.is_tensor(v) and v.dim() > 0 else _row(v, None)
-                     for k, v in rows[0].items()}
-    for i, st in state["state"].items():
-        if i >= T * P:
-            banked[i - (T - 1) * P] = st
-    groups[0]["params"] = list(range(P))
-    for g in groups[1:]:
-        g["params"] = [i - (T - 1) * P for i in g["params"]]
+        banked[start + j] = {k: torch.stack([r[k] for r in rows]) if torch.is_tensor(v) and v.dim() > 0
+                             else _row(v, None) for k, v in rows[0].items()}
+    for k, st in state["state"].items():
+        if not start <= k < start + T * P:
+            banked[banked_index(k)] = st
+    groups = [dict(g) for g in state["param_groups"]]
+    for g in groups:
+        g["params"] = list(dict.fromkeys(banked_index(k) for k in g["params"]))
     return {"state": banked, "param_groups": groups}
 
 
