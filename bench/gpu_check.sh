@@ -266,7 +266,7 @@ for path in sorted(out.glob("bench_*.json")):
         if not r.get("ms_per_step"):
             print(f"  {r.get('label', r.get('method')):<32} error: {r.get('error')}"); continue
         ratio = f"{r['ratio_to_backprop']:.2f}" if r.get("ratio_to_backprop") else "-"
-        tflops = f"{r['tflops']:.1f}" if r.get("tflops") else "-"
+        tflops = f"{r['tflops']:.3g}" if r.get("tflops") else "-"
         pct = f"{r['pct_of_bf16_peak']:.1f}" if r.get("pct_of_bf16_peak") else "-"
         print(f"  {r['label']:<32}{r['ms_per_step']:>9.2f}{r['samples_per_s']:>11.0f}{tflops:>9}{pct:>7}{ratio:>7}"
               f"{r['peak_mem_mb']:>9.0f}{(r.get('saved_mb') or 0):>9.1f}  {r.get('ratio_unlike') or ''}")

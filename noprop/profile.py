@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from noprop import engine
 from noprop.atomic import write_text_atomically
-from noprop.bench.measure import step_factory
+from noprop.bench.measure import execution_used, step_factory
 from noprop.bench.plan import Case
 from noprop.devices import set_threads, usable_device
 from noprop.options import check_ranges
@@ -167,9 +167,15 @@ def main_args(args) -> int:
     reason = why_not_precision(args.precision, str(device), args.method)
     if reason:
         raise ValueError(reason)
+    if args.method != "dt" and mode != "parallel":
+        raise ValueError(f"--mode {args.mode} does not apply to --method {args.method}: it picks NoProp-DT's update mode")
+    if args.method == "cnn" and args.execution != "auto":
+        raise ValueError(f"--execution {args.execution} does not apply to --method cnn: it trains one network, "
+                         "not T blocks")
     case = Case(args.method, mode if args.method == "dt" else "end-to-end", args.execution, precision=args.precision,
                 compile=args.compile)
-    _, _, train_once = step_factory(case, args.data, args.batch, args.T, args.chunk_size, device)
+    model, cfg, train_once = step_factory(case, args.data, args.batch, args.T, args.chunk_size, device)
+    blocks = execution_used(model, cfg, device)[0]
 
     def step():
         with record_function("noprop.step"):
@@ -200,7 +206,7 @@ def main_args(args) -> int:
     op_table = events.table(sort_by=sort, row_limit=args.row_limit)
     stages = _stage_table(events)
     kinds = kind_table(time_by_kind(events, device), device)
-    head = (f"noprop profile: {case.label} | device {device} | batch {args.batch} | T {args.T} | "
+    head = (f"noprop profile: {case.label} | blocks: {blocks} | device {device} | batch {args.batch} | T {args.T} | "
             f"{args.steps} steps in {wall:.2f} s under the profiler | torch {torch.__version__}")
     write_text_atomically(out / "table.txt",
                           f"{head}\n\n{kinds}\n\n{calls_line}\n{calls_table}\n\n{stages}\n\n{op_table}\n")

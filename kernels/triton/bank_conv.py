@@ -372,8 +372,9 @@ def device_reason(device) -> str | None:
         return None
     if device.type == "cpu":
         if not interpreted():
-            return ("the Triton bank convolution runs CPU tensors only in Triton's interpreter: set "
-                    "TRITON_INTERPRET=1 before importing noprop")
+            return ("the Triton bank convolution needs a CUDA device (CPU tensors run only in Triton's "
+                    "interpreter, TRITON_INTERPRET=1, which is for tests); unset NOPROP_BANK_CONV or pick "
+                    "grouped, gemm or loop")
         return None
     return f"the Triton bank convolution runs on CUDA tensors, got {device.type} tensors"
 

@@ -195,6 +195,19 @@ def flop_per_step(step) -> int:
     return int(counter.get_total_flops())
 
 
+def execution_used(model, cfg: TrainConfig, device) -> tuple[str, bool]:
+    """(how a step of `model` under `cfg` runs its blocks: loop, vmap, threads, bank, or '-' for the cnn;
+    whether that stacks them: vmap or a bank with >= 2 blocks per call; backprop's bank stacks its
+    image branches)."""
+    if isinstance(model, NoPropDT):
+        k = max(1, min(blocks_per_step(cfg.mode, model.T, cfg.chunk_size), model.T))
+        used = model.resolve_execution(range(1, k + 1), device)
+        return used, used in STACKED and k >= 2  # a bank run one block a call stacks nothing
+    if not hasattr(model, "is_bank"):
+        return "-", False
+    return ("bank", True) if model.is_bank else ("loop", False)
+
+
 def measure(case: Case, opts: dict, saved: bool = True) -> dict:
     """Warmup + `steps` timed steps of `case`: ms per step, peak memory, and (saved=True) the peak
     saved-for-backward bytes of one more step."""
@@ -206,7 +219,6 @@ def measure(case: Case, opts: dict, saved: bool = True) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model, cfg, step = step_factory(case, opts["data"], opts["batch"], opts["T"], opts["chunk_size"], device)
-    is_dt = isinstance(model, NoPropDT)
 
     for _ in range(opts["warmup"]):
         step()
@@ -226,13 +238,7 @@ def measure(case: Case, opts: dict, saved: bool = True) -> dict:
         out["compile_mode"] = compile_mode(device) or "default"
     if not case.graph and not case.compile:  # neither a replay nor a compiled graph shows its ops to the counter
         out["flop_per_step"] = flop_per_step(step)
-    if is_dt:
-        k = max(1, min(blocks_per_step(case.mode, model.T, cfg.chunk_size), model.T))
-        out["execution_used"] = model.resolve_execution(range(1, k + 1), device)
-        out["stacked"] = out["execution_used"] in STACKED and k >= 2  # a bank run one block a call stacks nothing
-    else:
-        out["execution_used"] = ("bank" if model.is_bank else "loop") if hasattr(model, "is_bank") else "-"
-        out["stacked"] = out["execution_used"] == "bank"
+    out["execution_used"], out["stacked"] = execution_used(model, cfg, device)
     if device.type == "cuda":
         out["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         out["peak_mem_kind"] = "torch.cuda.max_memory_allocated"

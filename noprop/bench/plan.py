@@ -55,7 +55,7 @@ class Case:
         tags = [t for t in (self.precision if self.precision != "fp32" else "", "compile" if self.compile else "") if t]
         tail = f" [{', '.join(tags)}]" if tags else ""
         if self.method != "dt":
-            bank = " (bank)" if self.execution == "bank" else ""
+            bank = " (bank)" if self.method == "backprop" and self.execution == "bank" else ""
             return self.method + ("+graph" if self.graph else "") + bank + tail
         return f"dt {self.mode}" + ("+graph" if self.graph else "") + \
             ("" if self.execution in ("auto", "-") else f" ({self.execution})") + tail

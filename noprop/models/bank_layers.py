@@ -57,11 +57,11 @@ def conv_impl(device) -> str:
     if name not in CONV_IMPLS:
         raise ValueError(f"NOPROP_BANK_CONV must be auto or one of {', '.join(CONV_IMPLS)}, got {name!r}")
     if name == "triton":
-        _check_triton(device)
+        check_triton(device)
     return name
 
 
-def _check_triton(device) -> None:
+def check_triton(device) -> None:
     """ValueError, one line, if the Triton bank convolution cannot run on `device`."""
     from noprop import dispatch
 
@@ -76,7 +76,7 @@ def _check_triton(device) -> None:
 
 def _triton_conv2d(x, weight, bias, T, shared, stride, padding, dilation) -> torch.Tensor | None:
     """The Triton kernels' result, or None for a call they do not cover (the caller runs grouped)."""
-    _check_triton(x.device)
+    check_triton(x.device)
     from noprop.kernels.triton import bank_conv
 
     if torch.is_autocast_enabled(x.device.type):

@@ -77,8 +77,9 @@ def compile_mode_override() -> str | None:
     """NOPROP_COMPILE_MODE (checked), or None when unset."""
     chosen = os.environ.get("NOPROP_COMPILE_MODE", "").strip()
     if chosen and chosen not in COMPILE_MODES:
-        raise ValueError(f"NOPROP_COMPILE_MODE must be one of {', '.join(COMPILE_MODES)} (modes with inductor's own "
-                         f"CUDA graphs would capture inside --cuda-graph's), got {chosen!r}")
+        why = (" (its own CUDA graphs would capture inside --cuda-graph's)"
+               if chosen in ("reduce-overhead", "max-autotune") else "")
+        raise ValueError(f"NOPROP_COMPILE_MODE must be one of {', '.join(COMPILE_MODES)}, got {chosen!r}{why}")
     return chosen or None
 
 
