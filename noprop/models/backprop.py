@@ -25,7 +25,7 @@ from torch import nn
 
 from noprop import engine
 from noprop.embeddings import ClassEmbedding
-from noprop.models.bank import BlockBank
+from noprop.models.bank import BlockBank, held_for
 from noprop.models.inputs import check_images, check_runs
 
 BACKPROP_EXECUTIONS = ("auto", "loop", "bank")
@@ -83,12 +83,7 @@ class BackpropDT(nn.Module):
             raise ValueError(reason)
         if device is None:
             device = next(self.parameters()).device
-        blocks = list(self.blocks)
-        bank = execution in ("bank", "auto") and engine.resolve(execution, blocks, device) == "bank"
-        if bank and not self.is_bank:
-            self.blocks = BlockBank(blocks)  # raises with the reason on blocks that differ in structure
-        elif not bank and self.is_bank:
-            self.blocks = nn.ModuleList(self.blocks.block(i, copy=True) for i in range(len(self.blocks)))
+        self.blocks = held_for(self.blocks, execution, device)  # 'bank' on blocks that differ raises why
         self._execution = execution
 
     @property

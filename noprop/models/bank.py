@@ -331,6 +331,19 @@ class BlockBank(nn.Module):
             return self._stacked.from_features(feats, z)
 
 
+def held_for(blocks, execution: str, device, separate: bool = False) -> nn.Module:
+    """`blocks` (separate modules or a BlockBank) held as `execution` on `device` wants them: one
+    BlockBank where it resolves to a bank ('bank', or 'auto' on CUDA for blocks that stack,
+    noprop.engine.resolve; never with separate=True), else separate modules in an nn.ModuleList
+    (independent copies of a bank's rows). Returned as they are when already held that way."""
+    bank = not separate and execution in ("bank", "auto") and engine.resolve(execution, list(blocks), device) == "bank"
+    if bank and not isinstance(blocks, BlockBank):
+        return BlockBank(blocks)
+    if not bank and isinstance(blocks, BlockBank):
+        return nn.ModuleList(blocks.block(i, copy=True) for i in range(len(blocks)))
+    return blocks
+
+
 def _split_rows(module: BlockBank, state_dict, prefix, local_metadata):
     """state_dict hook: the bank's `{prefix}<name>` [T, ...] entries become per-block `{prefix}{t}.<name>`
     (views of the rows), the checkpoint layout of separate blocks."""

@@ -16,7 +16,7 @@ from torch import nn
 
 from noprop import engine
 from noprop.embeddings import ClassEmbedding
-from noprop.models.bank import BlockBank
+from noprop.models.bank import BlockBank, held_for
 from noprop.models.dropout import Dropout, block_key, keyed_masks
 from noprop.models.inputs import check_images, check_runs
 from noprop.ops import denoise_step, local_loss, new_seed, noise_inject
@@ -139,12 +139,7 @@ class NoPropDT(nn.Module):
                              "separate (block-parallel training): use execution 'auto', 'vmap' or 'loop'")
         if device is None:
             device = next(self.parameters()).device
-        bank = not separate and execution in ("bank", "auto") and \
-            engine.resolve(execution, list(self.blocks), device) == "bank"
-        if bank and not self.is_bank:
-            self.blocks = BlockBank(self.blocks)
-        elif not bank and self.is_bank:
-            self.blocks = nn.ModuleList(self.blocks.block(i, copy=True) for i in range(self.T))
+        self.blocks = held_for(self.blocks, execution, device, separate)
         self._execution = execution
 
     def block_parameters(self, t: int) -> list[nn.Parameter]:
