@@ -209,8 +209,9 @@ def execution_used(model, cfg: TrainConfig, device) -> tuple[str, bool]:
 
 
 def measure(case: Case, opts: dict, saved: bool = True) -> dict:
-    """Warmup + `steps` timed steps of `case`: ms per step, peak memory, and (saved=True) the peak
-    saved-for-backward bytes of one more step."""
+    """Warmup + `steps` timed steps of `case`: ms per step, peak memory, and (saved=True: the
+    first round; both are the same in every round) the peak saved-for-backward bytes of one more
+    step and the operations of another (`flop_per_step`)."""
     torch.set_num_threads(opts["threads"])
     device = torch.device(opts["device"])
     rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -236,7 +237,7 @@ def measure(case: Case, opts: dict, saved: bool = True) -> dict:
         out["saved_mb"] = meter.peak / 2**20
     if case.compile:
         out["compile_mode"] = compile_mode(device) or "default"
-    if not case.graph and not case.compile:  # neither a replay nor a compiled graph shows its ops to the counter
+    if saved and not case.graph and not case.compile:  # a replay or a compiled graph hides its ops from the counter
         out["flop_per_step"] = flop_per_step(step)
     out["execution_used"], out["stacked"] = execution_used(model, cfg, device)
     if device.type == "cuda":
