@@ -56,6 +56,21 @@ def _mma(a, b, acc, F32: tl.constexpr):
 
 
 @triton.jit
+def _pixels(rows, n_pixels, width):
+    """Row indices over (image, pixel) of images of n_pixels = height * width pixels -> (image, pixel,
+    pixel row, pixel column)."""
+    p = rows % n_pixels
+    return rows // n_pixels, p, p // width, p % width
+
+
+@triton.jit
+def _tap(ks, KH: tl.constexpr, KW: tl.constexpr):
+    """Column indices k = (channel, i, j) of a virtual column matrix -> (channel, kernel row i, kernel
+    column j)."""
+    return ks // (KH * KW), (ks % (KH * KW)) // KW, ks % KW
+
+
+@triton.jit
 def _bank_conv_fwd(x_ptr, w_ptr, bias_ptr, y_ptr, B, C, H, W, O, Ho, Wo, PH, PW, T,
                    sx_b, sx_t, sx_c, sx_h, sx_w,
                    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, F32: tl.constexpr,
@@ -65,10 +80,9 @@ def _bank_conv_fwd(x_ptr, w_ptr, bias_ptr, y_ptr, B, C, H, W, O, Ho, Wo, PH, PW,
     L = Ho * Wo
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < B * L
-    b = rows // L
-    p = rows % L
-    top = p // Wo - PH  # the input row and column of tap (0, 0)
-    left = p % Wo - PW
+    b, p, oh, ow = _pixels(rows, L, Wo)
+    top = oh - PH  # the input row and column of tap (0, 0)
+    left = ow - PW
     row_base = b * sx_b + t * sx_t + top * sx_h + left * sx_w
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < O
@@ -78,9 +92,7 @@ def _bank_conv_fwd(x_ptr, w_ptr, bias_ptr, y_ptr, B, C, H, W, O, Ho, Wo, PH, PW,
     for k0 in range(0, KC, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < KC
-        c = ks // (KH * KW)
-        i = (ks % (KH * KW)) // KW
-        j = ks % KW
+        c, i, j = _tap(ks, KH, KW)
         ih = top[:, None] + i[None, :]
         iw = left[:, None] + j[None, :]
         a_ok = row_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -105,10 +117,9 @@ def _bank_conv_dgrad(dy_ptr, w_ptr, dx_ptr, B, C, H, W, O, Ho, Wo, PH, PW, NT,
     HW = H * W
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < B * HW
-    b = rows // HW
-    q = rows % HW
-    oh0 = q // W + PH  # the output row and column that tap (0, 0) of this pixel feeds
-    ow0 = q % W + PW
+    b, q, ih, iw = _pixels(rows, HW, W)
+    oh0 = ih + PH  # the output row and column that tap (0, 0) of this pixel feeds
+    ow0 = iw + PW
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C
     KD = O * KH * KW
@@ -120,16 +131,13 @@ def _bank_conv_dgrad(dy_ptr, w_ptr, dx_ptr, B, C, H, W, O, Ho, Wo, PH, PW, NT,
         for k0 in range(0, KD, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < KD
-            o = ks // (KH * KW)
-            tap = ks % (KH * KW)
-            i = tap // KW
-            j = tap % KW
+            o, i, j = _tap(ks, KH, KW)
             oh = oh0[:, None] - i[None, :]
             ow = ow0[:, None] - j[None, :]
             a_ok = row_ok[:, None] & k_ok[None, :] & (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo)
             a = tl.load(dy_ptr + row_base[:, None] + (o.to(tl.int64) * sd_o - i * sd_h - j * sd_w)[None, :],
                         mask=a_ok, other=0.0)
-            w = tl.load(w_t + (o * C * KH * KW + tap)[:, None] + (cols * KH * KW)[None, :],
+            w = tl.load(w_t + (o * C * KH * KW + i * KW + j)[:, None] + (cols * KH * KW)[None, :],
                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc = _mma(a, w, acc, F32)
     dx = dx_ptr + (b * sdx_b + pid_t * sdx_t + q)[:, None] + (cols.to(tl.int64) * HW)[None, :]
@@ -151,9 +159,7 @@ def _bank_conv_wgrad(dy_ptr, x_ptr, dw_ptr, db_ptr, B, C, H, W, O, Ho, Wo, PH, P
     KC = C * KH * KW
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = ks < KC
-    c = ks // (KH * KW)
-    i = (ks % (KH * KW)) // KW
-    j = ks % KW
+    c, i, j = _tap(ks, KH, KW)
     col_off = c.to(tl.int64) * sx_c + i * sx_h + j * sx_w
     L = Ho * Wo
     start = s.to(tl.int64) * CHUNK
@@ -163,9 +169,7 @@ def _bank_conv_wgrad(dy_ptr, x_ptr, dw_ptr, db_ptr, B, C, H, W, O, Ho, Wo, PH, P
     for r0 in range(start, end, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         r_ok = rs < end
-        b = rs // L
-        oh = (rs % L) // Wo
-        ow = rs % Wo
+        b, _, oh, ow = _pixels(rs, L, Wo)
         g = tl.load(dy_ptr + (b * sd_b + t * sd_t + oh * sd_h + ow * sd_w)[None, :] + (os_.to(tl.int64) * sd_o)[:, None],
                     mask=o_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_O, BLOCK_R]
         ih = (oh - PH)[:, None] + i[None, :]
