@@ -80,19 +80,10 @@ def _bank_conv(device: torch.device) -> str:
         return f"invalid ({exc})"
     chosen = "NOPROP_BANK_CONV" if os.environ.get("NOPROP_BANK_CONV", "auto").strip().lower() not in ("", "auto") \
         else "default here"
-    names = [name if name != "triton" or _triton_conv_runs(device) else "triton (not here)"
+    names = [name if name != "triton" or bank_layers.why_not_triton(device) is None else "triton (not here)"
              for name in bank_layers.CONV_IMPLS]
     return f"{impl}: {bank_layers.CONV_WHY[impl]} [{chosen}; NOPROP_BANK_CONV={'|'.join(names)}]"
 
-
-def _triton_conv_runs(device: torch.device) -> bool:
-    from noprop.models import bank_layers
-
-    try:
-        bank_layers.check_triton(device)
-    except (ValueError, ImportError):
-        return False
-    return True
 
 
 def _requested() -> str:

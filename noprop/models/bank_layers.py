@@ -61,8 +61,8 @@ def conv_impl(device) -> str:
     return name
 
 
-def check_triton(device) -> None:
-    """ValueError, one line, if the Triton bank convolution cannot run on `device`."""
+def why_not_triton(device) -> str | None:
+    """None if the Triton bank convolution can run on `device`, else why not (one line)."""
     from noprop import dispatch
 
     device = torch.device(device)
@@ -70,8 +70,14 @@ def check_triton(device) -> None:
     if reason is None:
         from noprop.kernels.triton import bank_conv  # imports Triton, compiles nothing
         reason = bank_conv.device_reason(device)
+    return f"NOPROP_BANK_CONV=triton cannot run on {device}: {reason}" if reason else None
+
+
+def check_triton(device) -> None:
+    """ValueError saying `why_not_triton(device)`, if anything."""
+    reason = why_not_triton(device)
     if reason:
-        raise ValueError(f"NOPROP_BANK_CONV=triton cannot run on {device}: {reason}")
+        raise ValueError(reason)
 
 
 def _triton_conv2d(x, weight, bias, T, shared, stride, padding, dilation) -> torch.Tensor | None:
