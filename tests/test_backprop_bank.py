@@ -38,11 +38,11 @@ def _data(B, m=10, seed=1):
     return torch.randn(B, *IMAGE, generator=g, dtype=torch.float64), torch.randint(0, m, (B,), generator=g)
 
 
-def _per_block(model) -> dict:
-    """name -> tensor with the blocks' tensors stacked [T, ...] (the bank's layout), for either model."""
-    state = model.state_dict()  # per-block keys for both: the bank's hook splits its rows
+def _stacked(named) -> dict:
+    """(name, tensor) pairs with per-block names `blocks.<t>.<rest>` -> name -> tensor, the blocks'
+    tensors stacked [T, ...] under `blocks.<rest>` (the bank's layout); other names as they are."""
     out = {}
-    for key, value in state.items():
+    for key, value in named:
         if key.startswith("blocks."):
             t, rest = key.split(".", 2)[1:]
             out.setdefault("blocks." + rest, {})[int(t)] = value
@@ -51,17 +51,15 @@ def _per_block(model) -> dict:
     return {k: torch.stack([v[t] for t in sorted(v)]) if isinstance(v, dict) else v for k, v in out.items()}
 
 
+def _per_block(model) -> dict:
+    """The model's state in the bank's layout, for either model (the bank's state_dict hook writes
+    per-block keys too)."""
+    return _stacked(model.state_dict().items())
+
+
 def _grads(model) -> dict:
-    if model.is_bank:
-        return {n: p.grad for n, p in model.named_parameters()}
-    grads = {}
-    for n, p in model.named_parameters():
-        if n.startswith("blocks."):
-            t, rest = n.split(".", 2)[1:]
-            grads.setdefault("blocks." + rest, {})[int(t)] = p.grad
-        else:
-            grads[n] = p.grad
-    return {k: torch.stack([v[t] for t in sorted(v)]) if isinstance(v, dict) else v for k, v in grads.items()}
+    named = ((n, p.grad) for n, p in model.named_parameters())
+    return dict(named) if model.is_bank else _stacked(named)
 
 
 @pytest.mark.parametrize("B", [1, 7])
